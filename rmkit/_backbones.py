@@ -14,6 +14,7 @@ backbone, dtype and device uses one copy of the weights.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -174,6 +175,20 @@ def resolve_dtype(dtype):
     return value
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Hide transformers' per-load progress bars (rmkit shows its own)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_tokenizer(name):
     from transformers import AutoTokenizer
 
@@ -193,7 +208,8 @@ def load_backbone(name, *, dtype="float32", device="auto"):
     path = resolve_backbone(name)
     with _LOCK:
         if key not in _LOADED:
-            model = AutoModel.from_pretrained(str(path), dtype=dtype)
+            with _quiet_transformers():
+                model = AutoModel.from_pretrained(str(path), dtype=dtype)
             model.requires_grad_(False)
             _LOADED[key] = model.to(device).eval()
         return _LOADED[key]

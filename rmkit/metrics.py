@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import make_scorer
 
 __all__ = [
     "SECTION_WEIGHTS",
@@ -65,8 +64,9 @@ def rewardbench_report(eval_df, chosen_scores, rejected_scores):
     -------
     DataFrame with columns ``category, subset, n, accuracy, stderr``.
     """
+    correct = _correct(eval_df, chosen_scores, rejected_scores)
     df = pd.DataFrame({"category": eval_df["category"].to_numpy(), "subset": eval_df["subset"].to_numpy(),
-                       "correct": _correct(eval_df, chosen_scores, rejected_scores)})
+                       "correct": correct})
     g = df.groupby(["category", "subset"], sort=True)["correct"]
     out = g.agg(n="size", accuracy="mean").reset_index()
     out["stderr"] = np.sqrt(out["accuracy"] * (1 - out["accuracy"]) / out["n"])
@@ -125,16 +125,22 @@ def rewardbench_scores(eval_df, chosen_scores, rejected_scores):
     }
 
 
-def _pair_accuracy_from_predictions(y_true, y_pred):
-    p = np.asarray(y_pred, dtype=float).reshape(-1)
+def pairwise_scorer(estimator, X, y=None):
+    """Scorer for ``GridSearchCV`` / ``cross_val_score`` on preference pairs.
+
+    ``estimator.predict(X)`` on pairs returns P(chosen ≻ rejected); the score
+    is the share of pairs above 0.5 (ties count as wrong). ``y`` is ignored.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> class Fixed:
+    ...     def predict(self, X):
+    ...         return np.array([0.9, 0.5, 0.2])
+    >>> pairwise_scorer(Fixed(), None)
+    0.3333333333333333
+    """
+    p = np.asarray(estimator.predict(X), dtype=float).reshape(-1)
     if np.isnan(p).any() or (p < 0).any() or (p > 1).any():
         raise ValueError("pairwise_scorer expects predict() on pairs to return P(chosen > rejected) in [0, 1].")
     return float(np.mean(p > 0.5))
-
-
-pairwise_scorer = make_scorer(_pair_accuracy_from_predictions)
-pairwise_scorer.__doc__ = """Scorer for ``GridSearchCV`` on preference pairs.
-
-The estimator's ``predict`` on pairs returns P(chosen ≻ rejected); the score
-is the share of pairs above 0.5 (ties count as wrong). ``y`` is ignored.
-"""

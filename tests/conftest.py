@@ -9,6 +9,10 @@ from rmkit.testing import tiny_backbone
 
 def pytest_configure(config):
     warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
+    # Unit tests use tiny models: one thread is faster and avoids oversubscribing shared cores.
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("RMKIT_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")

