@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import platform
 import queue as queue_mod
 import resource
@@ -141,10 +142,12 @@ def main():
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "experts.md"))
     args = parser.parse_args()
 
+    load_before = os.getloadavg()[0]
     results = [_in_child(_backbone_pass, args)]
     for config in "abc":
         results.append(_in_child(_estimator_run, args, config))
         print(results[-1], flush=True)
+    load_after = os.getloadavg()[0]
     base, a, b, c = results
     gpu = base["peak"][1] is not None
     lines = [
@@ -158,7 +161,9 @@ def main():
         "Training seconds are per pair, per epoch and per expert (fit time, tokenisation and trunk pass "
         "included). Scoring seconds are per response for all of a configuration's experts. Peak memory is "
         "the process's peak resident set (each configuration in its own process)"
-        + (" and the peak CUDA allocation." if gpu else "."),
+        + (" and the peak CUDA allocation." if gpu else ".")
+        + f" Load average at start / end of the run: {load_before:.1f} / {load_after:.1f} on {os.cpu_count()} "
+        "CPUs (other jobs share the machine: absolute times are inflated by contention; ratios carry noise).",
         "",
         "| configuration | LoRA layers | train s / pair / expert | score s / response | score ÷ backbone pass | "
         "peak RSS MiB |" + (" peak GPU MiB |" if gpu else ""),

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from threadpoolctl import threadpool_limits
 
 from rmkit import ArmoRM, BackboneFeaturizer, GatedScalarizer, MultiObjectiveRegressor, VerbosityDecorrelator
 from rmkit._armorm import response_token_lengths
@@ -163,10 +164,85 @@ MODELS = {
 }
 
 
+# -- DMoERM and a single LoRA reward model: same pairs, same LoRA settings, ~same LoRA pair passes -----
+
+LORA = dict(rank=8, alpha=16, layers=0.25, lr=5e-4, batch_size=8, max_length=256, max_epochs=2, dtype="bfloat16")
+# LoRA models score every evaluation text with the backbone (no feature cache): a lighter config for CPUs.
+CONFIGS["lora_small"] = dict(n_pairs=160, n_ratings=300, n_eval=120, cv=3)
+REFUSAL = (r"\b(?:I can(?:no|')t|I cannot|I'm sorry|I am sorry|I apologi[sz]e|I won't|I will not|I'm not able|"
+           r"I am not able|I'm unable|I am unable|as an AI|not appropriate|I must decline|I strongly advise)\b")
+
+
+def dmoerm_frame(train):
+    """Training pairs with a task (RMB Harmlessness vs everything else) and capability labels.
+
+    ``preference`` is each pair's own label; ``refusal`` (+1 when only the
+    chosen response declines or warns) and ``conciseness`` (+1 when the
+    chosen response is at least 20% shorter) are derived from the text,
+    NaN where they say nothing. The same derivation as ``examples/dmoerm.py``.
+    """
+    df = text_frame(train, "pairs")
+    df["task"] = np.where(train["objective"].to_numpy() == "rmb_harmlessness", "harmlessness", "helpfulness")
+    rc, rr = df["chosen"].str.contains(REFUSAL, case=False), df["rejected"].str.contains(REFUSAL, case=False)
+    lc, lr = df["chosen"].str.len(), df["rejected"].str.len()
+    df["preference"] = 1.0
+    df["refusal"] = np.where(rc & ~rr, 1.0, np.where(rr & ~rc, -1.0, np.nan))
+    df["conciseness"] = np.where(lc <= 0.8 * lr, 1.0, np.where(lr <= 0.8 * lc, -1.0, np.nan))
+    return df
+
+
+def _scores(model, eval_pairs):
+    """Chosen and rejected rewards on the evaluation pairs (pointwise, so ties stay visible)."""
+    c = model.predict(eval_pairs[["prompt", "chosen"]].rename(columns={"chosen": "response"}))
+    r = model.predict(eval_pairs[["prompt", "rejected"]].rename(columns={"rejected": "response"}))
+    return c, r
+
+
+def dmoerm(data):
+    """(d) DMoERM: task router + per-task LoRA capability experts + aggregator MLP.
+
+    The router is TF-IDF + logistic regression on the prompt (cheap on a CPU; ``DMoERM``'s default is the
+    backbone's prompt feature).
+    """
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from rmkit import CapabilityAggregator, CapabilityExperts, DMoERM
+
+    train = dmoerm_frame(data.train)
+    model = DMoERM(["preference", "refusal", "conciseness"],
+                   experts=CapabilityExperts(**LORA, random_state=data.seed, verbose=0),
+                   aggregator=CapabilityAggregator(hidden_size=64, max_epochs=100, validation_fraction=0.15,
+                                                   patience=10, random_state=data.seed),
+                   featurizer=TfidfVectorizer(sublinear_tf=True), drop_unlabelled=True, random_state=data.seed,
+                   verbose=0).fit(train)
+    passes = sum(sum(m.n_labels_.values()) for m in model.estimators_.values()) * LORA["max_epochs"]
+    data.cache["dmoerm"] = dict(lora_pair_passes=int(passes), tasks=train["task"].value_counts().to_dict(),
+                                routing_accuracy_train=model.routing_accuracy(train))
+    return _scores(model, text_frame(data.eval, "pairs"))
+
+
+def single_lora(data):
+    """(e) One LoRA reward model (Bradley–Terry) on the same pairs, its epochs matched to DMoERM's LoRA passes."""
+    from rmkit import LoRAExpertRegressor
+
+    train = text_frame(data.train, "pairs")
+    passes = data.cache.get("dmoerm", {}).get("lora_pair_passes", len(train) * LORA["max_epochs"])
+    epochs = max(1, int(round(passes / len(train))))
+    model = LoRAExpertRegressor(**{**LORA, "max_epochs": epochs}, random_state=data.seed, verbose=0).fit(train)
+    data.cache["single_lora"] = dict(lora_pair_passes=int(epochs * len(train)), epochs=epochs)
+    return _scores(model, text_frame(data.eval, "pairs"))
+
+
+MODELS["dmoerm"] = ("(d) DMoERM (LoRA experts, 256 tok)", dmoerm)
+MODELS["single_lora"] = ("(e) single LoRA RM (256 tok)", single_lora)
+LORA_MODELS = ["dmoerm", "single_lora"]  # run only when named in --models
+
+
 def load_data(config, eval_path, layer, seed=0):
     cfg = CONFIGS[config]
     train = load_pairwise(**PAIR_SAMPLE)
     ratings = load_ratings(**RATING_SAMPLE)
+    ratings = ratings[ratings["response"].fillna("").str.strip() != ""]  # a few rated responses are empty
     ev = load_eval(eval_path)
     if cfg["n_pairs"]:
         train = train.head(cfg["n_pairs"])
@@ -218,11 +294,14 @@ def main(argv=None):
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
     parser.add_argument("--eval", default="eval_dev.jsonl", help="evaluation file (path or name in the data dir)")
     parser.add_argument("--layer", type=int, default=DEFAULT_LAYER)
-    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="*", default=[m for m in MODELS if m not in LORA_MODELS], choices=list(MODELS),
+                        help=f"default: all but the LoRA models {LORA_MODELS} (hours on a CPU: ask for them, e.g. "
+                             "with --config lora_small)")
     parser.add_argument("--out", default=None, help="output stem (default benchmarks/results/quality[_small])")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (features are cached)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    threadpool_limits(args.threads)  # BLAS threads too: oversubscribed cores make small fits crawl
     t0 = time.time()
     data = load_data(args.config, args.eval, args.layer)
     results = {}
@@ -245,6 +324,7 @@ def main(argv=None):
                                      spearman_after=m.decorrelator_.spearman_after_.tolist(),
                                      beta=float(m.gating_.module_.beta.detach()),
                                      epochs=len(m.gating_.history))
+    meta.update({k: data.cache[k] for k in ("dmoerm", "single_lora") if k in data.cache})
     stem = Path(args.out) if args.out else RESULTS / ("quality" if args.config == "full" else f"quality_{args.config}")
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".md").write_text(markdown(results, meta))

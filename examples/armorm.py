@@ -48,6 +48,7 @@ def main():
     pairs = pd.DataFrame({"prompt": pairs["prompt"], "chosen": pairs["chosen"], "rejected": pairs["rejected"],
                           "objective": pairs.apply(source_objective, axis=1)})
     ratings = load_ratings(n=1500, random_state=0).head(args.n_ratings)[["prompt", "response", *ratings_cols]]
+    ratings = ratings[ratings["response"].str.strip() != ""]  # a few rated responses are empty
     evaluation = load_eval(args.eval)
     if args.n_eval:
         evaluation = evaluation.sample(n=min(args.n_eval, len(evaluation)), random_state=0)

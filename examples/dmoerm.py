@@ -25,8 +25,8 @@ agreement report; with an OpenAI-compatible endpoint (``--judge-url``,
 ``--judge-model``, key in ``$OPENAI_API_KEY``) its labels can replace the
 derived ones (``--judge-labels``).
 
-    python examples/dmoerm.py                       # ~100 pairs per task, a few minutes on 2 cores
-    python examples/dmoerm.py --n-train 300 --n-test 200 --epochs 2 --task-finetune
+    python examples/dmoerm.py                       # 50 pairs per task: a few minutes on 2 idle cores
+    python examples/dmoerm.py --n-train 300 --n-test 200 --max-chars 3000 --max-length 512 --task-finetune
 
 Backbone features and judge replies are cached on disk, so reruns only pay
 for training.
@@ -87,13 +87,15 @@ def load_rmb(path, n_train, n_test, max_chars, seed):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default=None, help="folder of the data files (default: rmkit.datasets.data_dir())")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder of the data files (default: rmkit.datasets.data_dir())")
     parser.add_argument("--pairs", default="pairwise_train.jsonl.gz", help="pairs file (RMB rows are used)")
-    parser.add_argument("--n-train", type=int, default=100, help="training pairs per task")
-    parser.add_argument("--n-test", type=int, default=60, help="held-out pairs per task")
-    parser.add_argument("--max-chars", type=int, default=2000, help="skip longer prompt + response")
-    parser.add_argument("--max-length", type=int, default=384, help="tokens per conversation")
+    parser.add_argument("--n-train", type=int, default=50, help="training pairs per task")
+    parser.add_argument("--n-test", type=int, default=40, help="held-out pairs per task")
+    parser.add_argument("--max-chars", type=int, default=1000, help="skip longer prompt + response")
+    parser.add_argument("--max-length", type=int, default=256, help="tokens per conversation")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--dtype", default="bfloat16", help="backbone dtype (LoRA adapters stay float32)")
     parser.add_argument("--task-finetune", action="store_true", help="run phase 1 (task-level LoRA, merged)")
     parser.add_argument("--judge-pairs", type=int, default=0, help="show the LLM judge's agreement on N pairs")
     parser.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (default: local SmolLM2)")
@@ -132,7 +134,7 @@ def main():
     print("\nlabelled pairs per capability:", labels.notna().sum().to_dict())
 
     experts = CapabilityExperts(rank=8, alpha=16, layers=0.25, lr=5e-4, max_epochs=args.epochs, batch_size=8,
-                                max_length=args.max_length, random_state=args.seed, verbose=0)
+                                max_length=args.max_length, dtype=args.dtype, random_state=args.seed, verbose=0)
     model = DMoERM(
         CAPABILITIES,
         experts=experts,
@@ -141,7 +143,7 @@ def main():
         labeler=CapabilityLabeler(judged_caps, backend=judge, verbose=0) if args.judge_labels else None,
         task_finetune=args.task_finetune,
         expert_fraction=0.6,  # the paper's split: 60% of a task's pairs for the experts, 40% for the aggregator
-        featurizer=BackboneFeaturizer(max_length=args.max_length, verbose=0),
+        featurizer=BackboneFeaturizer(max_length=args.max_length, dtype=args.dtype, verbose=0),
         random_state=args.seed,
         verbose=0,
     )

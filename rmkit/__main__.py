@@ -48,7 +48,8 @@ def _build_parser():
     score.add_argument("--output", required=True, metavar="FILE", help="where to write: .jsonl, .csv or .parquet")
     score.add_argument("--batch-size", type=int, default=64, metavar="N",
                        help="rows per call to the model (default: 64); scores do not depend on it")
-    score.add_argument("--device", default=None, help="load the model on this device (e.g. cpu, cuda)")
+    score.add_argument("--device", default=None,
+                       help="load an rmkit.save model on this device (e.g. cpu, cuda); default: as saved")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sub.add_parser("info", help="print versions, the cache location and the compute device",
@@ -90,8 +91,11 @@ def _quiet(model):
     except (ValueError, TypeError, AttributeError):
         pass
     for attr, value in list(vars(model).items()):
-        if attr.endswith("_") and hasattr(value, "set_params") and hasattr(value, "get_params"):
-            _quiet(value)
+        if not attr.endswith("_") or attr.startswith("_"):
+            continue
+        for part in value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]:
+            if hasattr(part, "set_params") and hasattr(part, "get_params"):
+                _quiet(part)  # fitted copies of components (featurizer_, estimators_, ...)
 
 
 def _columns(values, prefix, model):

@@ -21,6 +21,7 @@ import numbers
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,10 @@ from ._router import TaskRouter
 from ._skorch import BradleyTerryLoss, seed_torch
 
 __all__ = ["AggregatorModule", "CapabilityAggregator", "CapabilityMoE", "DMoERM"]
+
+
+def _silent(*args, **kwargs):
+    """A picklable no-op message sink for skorch callbacks."""
 
 
 class AggregatorModule(nn.Module):
@@ -149,7 +154,7 @@ class CapabilityAggregator(NeuralNet):
         callbacks = list(super().get_default_callbacks())
         if self.validation_fraction:
             callbacks.append(("early_stopping", EarlyStopping(monitor="valid_loss", patience=self.patience,
-                                                              load_best=True, sink=lambda *a, **k: None)))
+                                                              load_best=True, sink=_silent)))
         return callbacks
 
     def get_split_datasets(self, X, y=None, **fit_params):
@@ -329,6 +334,10 @@ class CapabilityMoE(BaseEstimator):
         given (its backbone must be the experts').
     expert_fraction : float, default=0.6
         Share of the pairs for phases 1–2; the rest trains the aggregator.
+    drop_unlabelled : bool, default=False
+        A capability without any label in the expert split is an error;
+        with ``True`` it is left out of this task (with a warning), as when
+        tasks have different capability sets.
     random_state : int or None, default=None
         Seeds the split and the default templates.
     verbose : int, default=1
@@ -336,12 +345,17 @@ class CapabilityMoE(BaseEstimator):
     Attributes
     ----------
     capabilities_ : list of str
+        The capabilities with an expert (``dropped_capabilities_``: those
+        left out for lack of labels).
     experts_ : CapabilityExperts
     aggregator_ : CapabilityAggregator
     task_model_ : LoRAExpertRegressor or None
         Phase 1's model; ``task_backbone_`` is the merged folder.
     n_labels_ : dict
         Labelled pairs per capability in the expert split.
+    labeler_report_ : DataFrame or None
+        The labeler's agreement report (see
+        :attr:`CapabilityLabeler.last_report_`) when it labelled anything.
     expert_rows_, aggregator_rows_ : ndarray
         Positions of the pairs used by each phase.
 
@@ -367,13 +381,14 @@ class CapabilityMoE(BaseEstimator):
     """
 
     def __init__(self, capabilities, *, experts=None, aggregator=None, labeler=None, task_finetune=False,
-                 expert_fraction=0.6, random_state=None, verbose=1):
+                 expert_fraction=0.6, drop_unlabelled=False, random_state=None, verbose=1):
         self.capabilities = capabilities
         self.experts = experts
         self.aggregator = aggregator
         self.labeler = labeler
         self.task_finetune = task_finetune
         self.expert_fraction = expert_fraction
+        self.drop_unlabelled = drop_unlabelled
         self.random_state = random_state
         self.verbose = verbose
 
@@ -393,6 +408,7 @@ class CapabilityMoE(BaseEstimator):
         caps = _capability_list(self.capabilities)
         sub = df.iloc[expert_rows]
         out, missing = {}, []
+        self.labeler_report_ = None
         for name, _ in caps:
             if name in df.columns:
                 out[name] = pd.to_numeric(sub[name], errors="coerce").to_numpy(float)
@@ -411,26 +427,36 @@ class CapabilityMoE(BaseEstimator):
                     "-1 rejected better, NaN unknown), rating columns '<name>_chosen'/'<name>_rejected', "
                     "or a labeler."
                 )
-            labeler = clone(self.labeler).fit()
-            known = [c[0] for c in labeler.capabilities_]
+            labeler = clone(self.labeler)
+            known = dict(labeler.fit().capabilities_)
             unknown = [m for m in missing if m not in known]
             if unknown:
-                raise ValueError(f"The labeler does not judge capability(ies) {unknown}; it knows {known}.")
+                raise ValueError(f"The labeler does not judge capability(ies) {unknown}; it knows {list(known)}.")
+            labeler.set_params(capabilities={m: known[m] for m in missing}).fit()  # judge only what is missing
             judged = labeler.transform(sub[[c for c in sub.columns if c in ("prompt", "messages", "chosen",
                                                                             "rejected")]])
             self.labeler_report_ = labeler.last_report_
             for m in missing:
                 out[m] = judged[m].to_numpy(float)
         labels = pd.DataFrame({name: out[name] for name, _ in caps})
+        empty = []
         for name in labels.columns:
             col = labels[name].to_numpy()
             bad = col[~np.isnan(col) & (col != 1) & (col != -1)]
             if bad.size:
                 raise ValueError(f"Labels of {name!r} must be +1, -1 or NaN; found {float(bad[0])!r}.")
             if np.isnan(col).all():
-                raise ValueError(f"Capability {name!r} has no label among the {len(col)} pairs of the expert split "
-                                 f"(expert_fraction={self.expert_fraction}): its expert cannot be trained.")
-        return labels
+                if not self.drop_unlabelled:
+                    raise ValueError(f"Capability {name!r} has no label among the {len(col)} pairs of the expert "
+                                     f"split (expert_fraction={self.expert_fraction}): its expert cannot be trained "
+                                     "(drop_unlabelled=True leaves it out of this task).")
+                empty.append(name)
+        if len(empty) == labels.shape[1]:
+            raise ValueError(f"No capability has a label among the {len(labels)} pairs of the expert split.")
+        if empty:
+            warnings.warn(f"Capabilities {empty} have no label in this task's expert split: left out.", stacklevel=3)
+        self.dropped_capabilities_ = empty
+        return labels.drop(columns=empty)
 
     # -- fit -------------------------------------------------------------------------------------
     def _split(self, n):
@@ -481,10 +507,10 @@ class CapabilityMoE(BaseEstimator):
             self.task_backbone_ = merge_task_adapter(self.task_model_)
             experts.set_params(backbone=self.task_backbone_)
         # Phase 2: one LoRA expert per capability on its labels.
-        self.experts_ = experts.set_params(experts=[c[0] for c in caps]).fit(exp_pairs, labels)
+        self.experts_ = experts.set_params(experts=list(labels.columns)).fit(exp_pairs, labels)
         # Phase 3: the aggregator on frozen expert hidden states, on pairs the experts never saw.
         self.aggregator_ = clone(self._aggregator_template()).fit(self.experts_.transform(agg_pairs))
-        self.capabilities_ = [c[0] for c in caps]
+        self.capabilities_ = list(labels.columns)
         self.n_labels_ = dict(self.experts_.n_labels_)
         self.expert_rows_, self.aggregator_rows_ = expert_rows, agg_rows
         return self
@@ -536,7 +562,7 @@ class DMoERM(BaseEstimator):
         The capabilities of every task (see :class:`CapabilityMoE` for where
         their labels come from). For task-specific capability sets compose
         ``TaskRouter({task: CapabilityMoE(...)})`` directly.
-    experts, aggregator, labeler, task_finetune, expert_fraction
+    experts, aggregator, labeler, task_finetune, expert_fraction, drop_unlabelled
         Passed to each task's :class:`CapabilityMoE`.
     router : classifier, optional
         Default: standardised logistic regression (see :class:`TaskRouter`).
@@ -585,14 +611,15 @@ class DMoERM(BaseEstimator):
     """
 
     def __init__(self, capabilities, *, experts=None, aggregator=None, labeler=None, task_finetune=False,
-                 expert_fraction=0.6, router=None, featurizer=None, task_column="task", min_task_rows=10,
-                 fallback=None, random_state=None, verbose=1):
+                 expert_fraction=0.6, drop_unlabelled=False, router=None, featurizer=None, task_column="task",
+                 min_task_rows=10, fallback=None, random_state=None, verbose=1):
         self.capabilities = capabilities
         self.experts = experts
         self.aggregator = aggregator
         self.labeler = labeler
         self.task_finetune = task_finetune
         self.expert_fraction = expert_fraction
+        self.drop_unlabelled = drop_unlabelled
         self.router = router
         self.featurizer = featurizer
         self.task_column = task_column
@@ -606,7 +633,8 @@ class DMoERM(BaseEstimator):
         _capability_list(self.capabilities)
         inner = CapabilityMoE(self.capabilities, experts=self.experts, aggregator=self.aggregator,
                               labeler=self.labeler, task_finetune=self.task_finetune,
-                              expert_fraction=self.expert_fraction, random_state=self.random_state,
+                              expert_fraction=self.expert_fraction, drop_unlabelled=self.drop_unlabelled,
+                              random_state=self.random_state,
                               verbose=self.verbose)
         featurizer = self.featurizer
         if featurizer is None:

@@ -23,6 +23,8 @@ from ._templating import encode_conversation
 
 __all__ = ["BackboneFeaturizer", "split_feature_blocks"]
 
+_SLICE = 4096  # texts per cache write
+
 
 def split_feature_blocks(X, hidden_size, kind):
     """Split featurizer output into its named blocks.
@@ -112,6 +114,12 @@ class BackboneFeaturizer(TransformerMixin, BaseEstimator):
     Pickling stores the parameters and fitted attributes only, never the
     backbone weights; the backbone is reloaded (and shared in-process) on the
     next ``transform``.
+
+    scikit-learn's ``check_estimator`` does not apply: its checks feed numeric
+    arrays, and this transformer's input is text. The sklearn protocol
+    (``get_params``/``set_params``, ``clone``, ``fit`` returning self, fitted
+    attributes ending in ``_``, ``get_feature_names_out``) is tested
+    directly.
 
     Examples
     --------
@@ -206,24 +214,30 @@ class BackboneFeaturizer(TransformerMixin, BaseEstimator):
         return np.hstack([vecs[:n_rows, :d], vecs[n_rows:, :d], vecs[:n_rows, d:]])
 
     def _compute(self, tokenizer, encoded, keys, store, stats):
+        """Run the backbone on ``encoded``; results reach the cache slice by slice, so an interruption
+        loses at most one slice of work."""
         from tqdm.auto import tqdm
 
         model = self._model()
-        if self.share_prompts:
-            index = {}
-            owners = [index.setdefault(e.prefix, len(index)) for e in encoded]
-            prefixes = list(index)
-        else:
-            prefixes, owners = [e.prefix for e in encoded], list(range(len(encoded)))
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        out = {}
         with tqdm(total=len(encoded), desc="featurize", unit="text", disable=not self.verbose) as bar:
-            resp, prompt = run_prefix_suffix(model, prefixes, [e.suffix for e in encoded], owners,
-                                             layer=self.layer_, pooling=self.pooling, batch_size=self.batch_size,
-                                             pad_id=pad_id, progress=bar, stats=stats)
-        vecs = np.hstack([resp, prompt[owners]])
-        out = dict(zip(keys, vecs))
-        if store is not None:
-            store.put_many(out.items())
+            for start in range(0, len(encoded), _SLICE):
+                part = encoded[start : start + _SLICE]
+                if self.share_prompts:
+                    index = {}
+                    owners = [index.setdefault(e.prefix, len(index)) for e in part]
+                    prefixes = list(index)
+                else:
+                    prefixes, owners = [e.prefix for e in part], list(range(len(part)))
+                resp, prompt = run_prefix_suffix(model, prefixes, [e.suffix for e in part], owners,
+                                                 layer=self.layer_, pooling=self.pooling,
+                                                 batch_size=self.batch_size, pad_id=pad_id, progress=bar,
+                                                 stats=stats)
+                done = dict(zip(keys[start : start + _SLICE], np.hstack([resp, prompt[owners]])))
+                if store is not None:
+                    store.put_many(done.items())
+                out.update(done)
         return out
 
     def get_feature_names_out(self, input_features=None):

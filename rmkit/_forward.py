@@ -90,14 +90,50 @@ def _cache_tensors(cache, n_layers):
     return [(cache.layers[i].keys, cache.layers[i].values) for i in range(n_layers)]
 
 
-def _length_batches(lengths, batch_size):
+MIN_BATCH_TOKENS = 4096
+
+
+def _kv_chunks(model, order, prefixes, n_kv_layers, budget, batch_size):
+    """Split ``order`` into chunks whose prefix key/value caches fit in ``budget`` bytes."""
+    cfg = model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * n_kv_layers * heads * head_dim * next(model.parameters()).element_size()
+    chunk, used = [], 0
+    for g in order:
+        cost = len(prefixes[g]) * per_token
+        if chunk and used + cost > budget and len(chunk) >= batch_size:
+            yield np.asarray(chunk)
+            chunk, used = [], 0
+        chunk.append(g)
+        used += cost
+    if chunk:
+        yield np.asarray(chunk)
+
+
+def _length_batches(lengths, batch_size, max_padding=0.05, min_tokens=MIN_BATCH_TOKENS):
+    """Group indices of similar length: at most ``batch_size`` rows; once a batch holds
+    ``min_tokens`` real tokens (small matmuls are slow on CPUs), a new one starts whenever
+    adding the next, longer row would make padding exceed ``max_padding`` of the batch."""
     order = np.argsort(np.asarray(lengths), kind="stable")
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches, current, total = [], [], 0
+    for i in order:
+        n = lengths[i]
+        rows = len(current) + 1
+        too_padded = total >= min_tokens and rows * n - (total + n) > max_padding * rows * n
+        if current and (rows > batch_size or too_padded):
+            batches.append(current)
+            current, total = [], 0
+        current.append(int(i))
+        total += n
+    if current:
+        batches.append(current)
+    return batches
 
 
 @torch.inference_mode()
 def run_prefix_suffix(model, prefixes, suffixes, owners, *, layer=-1, pooling="last", batch_size=16,
-                      pad_id=0, chunk_size=None, progress=None, stats=None):
+                      pad_id=0, kv_budget_bytes=2**30, progress=None, stats=None):
     """Features of ``prefix[owner[j]] + suffix[j]`` for every suffix ``j``.
 
     Parameters
@@ -109,6 +145,10 @@ def run_prefix_suffix(model, prefixes, suffixes, owners, *, layer=-1, pooling="l
         Response token ids; ``owners[j]`` indexes its prefix.
     layer : int
         ``hidden_states`` index (``-1``: final, normalised layer).
+    kv_budget_bytes : int
+        Prefixes are processed in chunks whose cached keys/values fit this
+        budget; a chunk's suffixes are then batched together. Memory is
+        bounded by it and by the batch, never by the dataset.
     pooling : {"last", "mean"}
         Hidden state at the last suffix token, or mean over suffix tokens.
 
@@ -129,10 +169,8 @@ def run_prefix_suffix(model, prefixes, suffixes, owners, *, layer=-1, pooling="l
     for j, o in enumerate(owners):
         by_owner[o].append(j)
     # Prefixes in length order, in chunks: a chunk's key/value caches are kept until its suffixes ran.
-    chunk_size = chunk_size or 4 * batch_size
     prefix_order = np.argsort([len(p) for p in prefixes], kind="stable")
-    for c in range(0, len(prefix_order), chunk_size):
-        chunk = prefix_order[c : c + chunk_size]
+    for chunk in _kv_chunks(model, prefix_order, prefixes, n_kv_layers, kv_budget_bytes, batch_size):
         kv = {}
         plens = [len(prefixes[g]) for g in chunk]
         for batch in _length_batches(plens, batch_size):

@@ -124,6 +124,15 @@ class OpenAIChatBackend:
         self.n_retries_ = 0  # retries made so far (all threads)
         self._count_lock = threading.Lock()
 
+    def __getstate__(self):  # the lock is per process; copies (sklearn.clone) get a fresh one
+        state = dict(self.__dict__)
+        state.pop("_count_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._count_lock = threading.Lock()
+
     @property
     def url(self):
         return self.base_url + "/chat/completions"

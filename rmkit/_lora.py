@@ -28,7 +28,14 @@ from skorch.callbacks import Callback, EarlyStopping
 from skorch.dataset import ValidSplit
 from torch import nn
 
-from ._backbones import EMBEDDED_BACKBONE, load_backbone, load_tokenizer, resolve_dtype, weights_fingerprint
+from ._backbones import (
+    EMBEDDED_BACKBONE,
+    load_backbone,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    weights_fingerprint,
+)
 from ._data import read_pairs, read_pointwise, read_texts
 from ._forward import _decoder_layers, _forward
 from ._skorch import BradleyTerryLoss, seed_torch, skorch_device
@@ -299,6 +306,8 @@ class _LoRABase(BaseEstimator):
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}.")
         if not (isinstance(self.lr, (int, float, np.number)) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}.")
+        if not (isinstance(self.weight_decay, (int, float, np.number)) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a non-negative number, got {self.weight_decay!r}.")
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction!r}.")
         if self.shared_trunk not in ("auto", True, False):
@@ -430,6 +439,10 @@ class _LoRABase(BaseEstimator):
                              "on (fingerprint mismatch): the saved adapters do not apply to them.")
         from peft import set_peft_model_state_dict
 
+        if str(resolve_device(self.device)).startswith("cuda") and not torch.cuda.is_available():
+            warnings.warn(f"This model was saved with device={self.device!r} but CUDA is not available here; "
+                          "loading it on the CPU (device='cpu').", stacklevel=3)
+            self.device = "cpu"
         names = list(saved["adapters"])
         module = self._new_module(names)
         for name in names:
@@ -564,7 +577,12 @@ class LoRAExpertRegressor(TransformerMixin, RegressorMixin, _LoRABase):
     Pickling (``joblib.dump``) stores the parameters, the LoRA tensors and the
     head (on CPU) and the backbone's name and weight fingerprint, never the
     base weights; the backbone is reloaded on first use after loading, on the
-    ``device`` then set (so a GPU-trained model predicts on a CPU).
+    ``device`` then set. A model saved with ``device="cuda"`` falls back to
+    the CPU, with a warning, where CUDA is not available.
+
+    In shared-trunk mode ``fit`` keeps every training text's trunk hidden
+    states in memory (``tokens x hidden`` floats per text); for large
+    training sets on small machines use ``shared_trunk=False``.
 
     ``check_estimator`` does not apply: the estimator takes text, not numeric
     arrays.

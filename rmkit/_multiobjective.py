@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegressionCV, RidgeCV
 from sklearn.model_selection import KFold, StratifiedKFold
 from sklearn.utils import check_random_state
@@ -282,9 +283,11 @@ class MultiObjectiveRegressor(RegressorMixin, BaseEstimator):
         target = (~swap).astype(int)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=FutureWarning)
-            # Newton steps converge in a few iterations even when weakly penalised, nearly separable
+            # weakly penalised fits of (nearly) separable pairs never converge: cap the iterations,
+            # cross-validation rejects those penalties anyway
+            warnings.simplefilter("ignore", category=ConvergenceWarning)
             lr = LogisticRegressionCV(Cs=1.0 / alphas, fit_intercept=False, cv=folds, scoring="neg_log_loss",
-                                      solver="newton-cholesky", max_iter=100).fit(D, target)
+                                      max_iter=300).fit(D, target)
         w = lr.coef_.reshape(-1)
         s = np.concatenate([Cs @ w, Rs @ w])
         m, sc = float(s.mean()), float(s.std())

@@ -194,8 +194,14 @@ def _register_sklearn():
 
 
 def _lookup(name):
-    """Find an already-imported class by its dotted name, importing nothing."""
+    """Find an already-imported rmkit/torch/skorch class by its dotted name.
+
+    Reads module and class ``__dict__``s only: no import, no module
+    ``__getattr__`` hook, no descriptor runs.
+    """
     parts = name.split(".")
+    if parts[0] not in ("rmkit", "torch", "skorch"):
+        return None
     if not all(p.isidentifier() and not p.startswith("__") for p in parts):
         return None
     for i in range(len(parts) - 1, 0, -1):
@@ -204,7 +210,7 @@ def _lookup(name):
             continue
         obj = module
         for attr in parts[i:]:
-            obj = getattr(obj, attr, None)
+            obj = vars(obj).get(attr) if hasattr(obj, "__dict__") else None
             if obj is None:
                 return None
         return obj if isinstance(obj, type) else None
@@ -832,6 +838,12 @@ def _remove_stale_temps(target):
             pass
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _library_versions():
     import importlib.metadata as md
 
@@ -909,8 +921,11 @@ def save(model, directory):
     _remove_stale_temps(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.rmkit-tmp-{os.getpid()}-", dir=target.parent))
     try:
+        umask = _umask()
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a save is an ordinary folder
         tensor_path = tmp / TENSORS
         save_file(writer.tensors, str(tensor_path), metadata={"format": "pt", "producer": FORMAT})
+        os.chmod(tensor_path, 0o666 & ~umask)
         _fsync_file(tensor_path)
         manifest["tensors"] = {"file": TENSORS, "bytes": tensor_path.stat().st_size, "sha256": _sha256(tensor_path)}
         text = json.dumps(manifest, indent=1, allow_nan=False)

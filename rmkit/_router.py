@@ -126,7 +126,8 @@ class TaskRouter(BaseEstimator):
         tasks = df[self.task_column].to_numpy(dtype=object)
         missing = pd.isna(tasks)
         if missing.any():
-            raise ValueError(f"The task column {self.task_column!r} has a missing value at row {int(np.argmax(missing))}.")
+            raise ValueError(f"The task column {self.task_column!r} has a missing value at row "
+                             f"{int(np.argmax(missing))}.")
         return tasks
 
     def fit(self, X, y=None):
@@ -183,10 +184,12 @@ class TaskRouter(BaseEstimator):
         if isinstance(self.estimators, dict):
             extra = [k for k in self.estimators if k not in set(classes)]
             if extra:
-                raise ValueError(f"estimators names task(s) {extra} that no training row has; tasks are {list(classes)}.")
+                raise ValueError(f"estimators names task(s) {extra} that no training row has; "
+                                 f"tasks are {list(classes)}.")
             missing = [t for t in classes if t not in self.estimators]
             if missing and self.fallback is None:
-                raise ValueError(f"estimators has no entry for task(s) {missing}; add them or give a fallback estimator.")
+                raise ValueError(f"estimators has no entry for task(s) {missing}; "
+                                 "add them or give a fallback estimator.")
             return {t: self.estimators.get(t) for t in classes}
         if self.estimators is None or not hasattr(self.estimators, "fit"):
             raise TypeError("estimators must be an estimator (cloned per task) or a dict {task: estimator}.")

@@ -81,7 +81,7 @@ def test_score_pointwise_end_to_end(tmp_path, tiny):
     """A saved featurizer + ridge pipeline, scored by a separate `python -m rmkit` process."""
     rows = pd.DataFrame({"prompt": ["hi", "2+2?", "2+2?", "bye"], "response": ["hello", "4", "5", "see you"],
                          "id": [1, 2, 3, 4]})
-    model = make_pipeline(rmkit.BackboneFeaturizer(tiny, cache=False, verbose=0), Ridge())
+    model = make_pipeline(rmkit.BackboneFeaturizer(tiny, cache=False, verbose=1), Ridge())
     model.fit(rows, [1.0, 1.0, 0.0, 0.5])
     rmkit.save(model, tmp_path / "model")
     src, dst = _write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
@@ -90,6 +90,7 @@ def test_score_pointwise_end_to_end(tmp_path, tiny):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "score" in out.stderr and "4/4" in out.stderr  # the progress bar
+    assert "featurize" not in out.stderr  # one bar for the file: the model's own bars are silenced
     scored = _read(dst)
     assert scored.columns.tolist() == ["prompt", "response", "id", "reward"]
     np.testing.assert_allclose(scored["reward"], model.predict(rows), rtol=1e-5, atol=1e-6)

@@ -126,7 +126,8 @@ def test_moe_labels_from_ratings_and_from_a_judge(tiny):
         a = text.split("[Response A]\n")[1].split("\n\n[Response B]")[0]
         return "A" if any(ch.isdigit() for ch in a) else "B"
 
-    labeler = CapabilityLabeler({"numeric": "gives a number"}, backend=judge, cache=False, verbose=0)
+    labeler = CapabilityLabeler({"numeric": "gives a number", "length": "is short"}, backend=judge, cache=False,
+                                verbose=0)
     moe = CapabilityMoE(["length", "numeric"], experts=_experts(tiny), labeler=labeler,
                         aggregator=CapabilityAggregator(**FAST_AGG), random_state=0).fit(X)
     exp = X.iloc[moe.expert_rows_]
@@ -134,6 +135,7 @@ def test_moe_labels_from_ratings_and_from_a_judge(tiny):
     # The judge is consistent only where exactly one response has a digit.
     one_digit = [any(c.isdigit() for c in a) != any(c.isdigit() for c in b) for a, b in zip(exp.chosen, exp.rejected)]
     assert moe.n_labels_["numeric"] == sum(one_digit) == moe.labeler_report_.loc["numeric", "n_labelled"]
+    assert list(moe.labeler_report_.index) == ["numeric"]  # 'length' came from its rating columns, not the judge
 
 
 def test_moe_bad_inputs(tiny):
@@ -178,15 +180,17 @@ def test_moe_task_finetune_builds_experts_on_the_merged_backbone(tiny):
     assert moe.predict(X).shape == (20,)
 
 
-def test_dmoerm_routes_and_each_task_model_sees_only_its_rows(tiny):
+def test_dmoerm_routes_and_each_task_model_sees_only_its_rows(tiny, tmp_path):
     X = _labelled(36)
     model = DMoERM(["brevity", "correctness"], experts=_experts(tiny), aggregator=CapabilityAggregator(**FAST_AGG),
                    featurizer=BackboneFeaturizer(tiny, cache=False, verbose=0), random_state=0, verbose=0)
     with pytest.raises(ValueError, match="'correctness' has no label"):  # only math pairs have it
         model.fit(X)
-    X["correctness"] = X["correctness"].fillna(X["brevity"])
-    model.fit(X)
+    with pytest.warns(UserWarning, match=r"\['correctness'\] have no label"):
+        model.set_params(drop_unlabelled=True).fit(X)  # only the math task gets a correctness expert
     assert set(model.classes_) == {"math", "relevance", "safety"}
+    assert {t: m.capabilities_ for t, m in model.estimators_.items()} == {
+        "math": ["brevity", "correctness"], "relevance": ["brevity"], "safety": ["brevity"]}
     for task, moe in model.estimators_.items():
         rows = X[X["task"] == task]
         assert len(moe.expert_rows_) + len(moe.aggregator_rows_) == len(rows) == 12
@@ -199,7 +203,16 @@ def test_dmoerm_routes_and_each_task_model_sees_only_its_rows(tiny):
         mask = (test["task"] == task).to_numpy()
         np.testing.assert_allclose(expl.loc[mask, "reward"], moe.predict(rows[mask]), rtol=1e-5)
     assert ((expl["task_probability"] > 0.33) & (expl["task_probability"] <= 1)).all()
+    is_math = (test["task"] == "math").to_numpy()
+    assert expl.loc[is_math, "correctness"].notna().all() and expl.loc[~is_math, "correctness"].isna().all()
     assert model.predict(test).shape == (15,)
+    import pickle
+
+    from rmkit import load, save
+
+    save(model, tmp_path / "dmoerm")
+    for copy in (pickle.loads(pickle.dumps(model)), load(tmp_path / "dmoerm")):
+        np.testing.assert_allclose(copy.predict(test), model.predict(test), rtol=1e-6)
     with pytest.raises(ValueError, match=r"Unknown task\(s\) \['poetry'\]"):
         model.predict(test, tasks=["poetry"] * 15)
     with pytest.raises(ValueError, match=r"Unknown task\(s\) \['poetry'\]"):

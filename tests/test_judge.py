@@ -5,6 +5,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.base import clone
 
 from rmkit._judge import (
     CapabilityLabeler,
@@ -206,8 +207,9 @@ def test_http_backend_retries_503_then_succeeds(serve, pairs, monkeypatch):
     monkeypatch.setenv("RMKIT_TEST_JUDGE_KEY", "secret")
     srv, url = serve(content_judge, failures=3)
     backend = OpenAIChatBackend(url, "judge", api_key_env="RMKIT_TEST_JUDGE_KEY", backoff=0.01, max_workers=2)
-    out = CapabilityLabeler(CAPS, backend=backend, cache=False, verbose=0).fit_transform(pairs)
-    assert backend.n_retries_ == 3 and srv.hits == 16 + 3
+    labeler = clone(CapabilityLabeler(CAPS, backend=backend, cache=False, verbose=0))  # as meta-estimators do
+    out = labeler.fit_transform(pairs)
+    assert labeler.backend_.n_retries_ == 3 and srv.hits == 16 + 3
     np.testing.assert_array_equal(out["correctness"], [1, 1, 1, -1])
 
 

@@ -121,7 +121,8 @@ def test_lora_never_touches_the_shared_backbone(tiny, fitted):
     assert type(base.layers[0].self_attn.q_proj) is torch.nn.Linear  # peft injected into a view only
     view = fitted._module().base
     assert type(view.layers[0].self_attn.q_proj) is not torch.nn.Linear
-    assert view.layers[0].self_attn.q_proj.base_layer.weight.data_ptr() == base.layers[0].self_attn.q_proj.weight.data_ptr()
+    q_view, q_base = view.layers[0].self_attn.q_proj, base.layers[0].self_attn.q_proj
+    assert q_view.base_layer.weight.data_ptr() == q_base.weight.data_ptr()
     assert view.embed_tokens.weight.data_ptr() == base.embed_tokens.weight.data_ptr()
 
 
@@ -149,6 +150,17 @@ def test_state_saved_with_torch_loads_on_cpu(tiny, fitted):
     state = pickle.loads(pickle.dumps(fitted)).__getstate__()["_saved_state"]
     assert all(t.device.type == "cpu" for sd in state["adapters"].values() for t in sd.values())
     np.testing.assert_array_equal(loaded.set_params(device="cpu").predict(X), fitted.predict(X))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a machine without CUDA")
+def test_model_saved_for_cuda_loads_on_a_cpu_only_machine(tiny, fitted):
+    X = make_pairs(4, seed=7)
+    gpu_params = copy.deepcopy(fitted).set_params(device="cuda")  # as a model fitted on a GPU is saved
+    loaded = pickle.loads(pickle.dumps(gpu_params))
+    with pytest.warns(UserWarning, match="CUDA is not available"):
+        p = loaded.predict(X)
+    np.testing.assert_array_equal(p, fitted.predict(X))
+    assert loaded.device == "cpu"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to train on")
