@@ -47,6 +47,7 @@ PAIR_SAMPLE = dict(n=2000, random_state=0)
 RATING_SAMPLE = dict(n=1500, random_state=0)
 CONFIGS = {
     "small": dict(n_pairs=400, n_ratings=300, n_eval=400, cv=3),
+    "medium": dict(n_pairs=1000, n_ratings=300, n_eval=None, cv=5),
     "full": dict(n_pairs=None, n_ratings=None, n_eval=None, cv=5),
 }
 RATING_COLUMNS = ["gpt4_ref_score_1to10", "autoj_gpt4_rating_1to10", "prometheus_rubric_score_1to5"]
@@ -294,7 +295,8 @@ def main(argv=None):
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
     parser.add_argument("--eval", default="eval_dev.jsonl", help="evaluation file (path or name in the data dir)")
     parser.add_argument("--layer", type=int, default=DEFAULT_LAYER)
-    parser.add_argument("--models", nargs="*", default=[m for m in MODELS if m not in LORA_MODELS], choices=list(MODELS),
+    parser.add_argument("--models", nargs="*", default=[m for m in MODELS if m not in LORA_MODELS],
+                        choices=list(MODELS),
                         help=f"default: all but the LoRA models {LORA_MODELS} (hours on a CPU: ask for them, e.g. "
                              "with --config lora_small)")
     parser.add_argument("--out", default=None, help="output stem (default benchmarks/results/quality[_small])")

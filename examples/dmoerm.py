@@ -143,6 +143,7 @@ def main():
         labeler=CapabilityLabeler(judged_caps, backend=judge, verbose=0) if args.judge_labels else None,
         task_finetune=args.task_finetune,
         expert_fraction=0.6,  # the paper's split: 60% of a task's pairs for the experts, 40% for the aggregator
+        drop_unlabelled=True,  # a task where a capability never gets a label trains without that expert
         featurizer=BackboneFeaturizer(max_length=args.max_length, dtype=args.dtype, verbose=0),
         random_state=args.seed,
         verbose=0,

@@ -185,6 +185,12 @@ class BackboneFeaturizer(TransformerMixin, BaseEstimator):
         """Featurize pointwise rows or preference pairs (see the class docstring for the layout)."""
         check_is_fitted(self, "hidden_size_")
         self._check_params()
+        current = weights_fingerprint(self.backbone)  # memoised beside the weights: cheap
+        if current != self.backbone_fingerprint_:
+            raise ValueError(
+                f"The backbone {self.backbone!r} has different weights than when this featurizer was fitted "
+                f"(SHA-256 {current[:12]}… vs {self.backbone_fingerprint_[:12]}…); refit it."
+            )
         kind, data = read_texts(X)
         tokenizer = load_tokenizer(self.backbone)
         convs = data.conversations

@@ -297,8 +297,6 @@ class _Writer:
         self._active = set()
 
     def _tensor(self, t):
-        import torch
-
         key = f"t{len(self.tensors)}"
         self.tensors[key] = t.detach().to("cpu").contiguous().clone()
         return key

@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 
-import rmkit
-
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PUBLIC_MODULES = ["rmkit", "rmkit.metrics", "rmkit.datasets", "rmkit.plotting", "rmkit.testing"]

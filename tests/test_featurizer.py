@@ -239,3 +239,15 @@ def test_embedded_backbone_loads_offline_and_is_deterministic(monkeypatch):
     np.testing.assert_array_equal(a, b)
     tok = load_tokenizer("smollm2-135m-instruct")
     assert tok.pad_token == tok.eos_token == "<|im_end|>"  # the trap the last-token logic must survive
+
+
+def test_unpickled_featurizer_refuses_a_changed_backbone(tmp_path):
+    import shutil
+
+    folder = tmp_path / "bb"
+    shutil.copytree(tiny_backbone(seed=0), folder)
+    f = BackboneFeaturizer(str(folder), cache=False, verbose=0).fit()
+    blob = pickle.dumps(f)
+    shutil.copy(f"{tiny_backbone(seed=1)}/model.safetensors", folder / "model.safetensors")
+    with pytest.raises(ValueError, match="different weights"):
+        pickle.loads(blob).transform([{"prompt": "a", "response": "b"}])
