@@ -35,7 +35,14 @@ _LOADED: dict = {}
 
 
 def cache_dir():
-    """Root of rmkit's on-disk caches: ``$RMKIT_CACHE_DIR`` or ``~/.cache/rmkit``."""
+    """Root of rmkit's on-disk caches: ``$RMKIT_CACHE_DIR`` or ``~/.cache/rmkit``.
+
+    Examples
+    --------
+    >>> import os
+    >>> cache_dir().name == "rmkit" or "RMKIT_CACHE_DIR" in os.environ
+    True
+    """
     root = os.environ.get("RMKIT_CACHE_DIR")
     if root:
         return Path(root).expanduser()

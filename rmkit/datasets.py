@@ -33,7 +33,14 @@ __all__ = [
 
 
 def data_dir():
-    """Folder of the shared data files: ``$RMKIT_DATA_DIR`` or ``<checkout>/../shared/data``."""
+    """Folder of the shared data files: ``$RMKIT_DATA_DIR`` or ``<checkout>/../shared/data``.
+
+    Examples
+    --------
+    >>> import os
+    >>> str(data_dir()).endswith(os.path.join("shared", "data")) or "RMKIT_DATA_DIR" in os.environ
+    True
+    """
     env = os.environ.get("RMKIT_DATA_DIR")
     if env:
         return Path(env).expanduser()
@@ -101,6 +108,14 @@ def load_eval(path="eval_dev.jsonl", *, include_extra=False):
 
     The ``Extra`` category (not part of RewardBench) is left out unless
     ``include_extra``.
+
+    Examples
+    --------
+    The shared data files are read by path (the examples are not run where they are absent):
+
+    >>> ev = load_eval()  # doctest: +SKIP
+    >>> sorted(ev["category"].unique())  # doctest: +SKIP
+    ['Chat', 'Chat Hard', 'Prior', 'Reasoning', 'Safety']
     """
     df = load_table(_path(path))
     if not include_extra:
@@ -109,7 +124,16 @@ def load_eval(path="eval_dev.jsonl", *, include_extra=False):
 
 
 def load_pairwise(path="pairwise_train.jsonl.gz", *, n=None, random_state=0, exclude_prompts=None):
-    """Preference pairs for training, optionally a seeded sample of ``n``."""
+    """Preference pairs for training, optionally a seeded sample of ``n``.
+
+    Examples
+    --------
+    The shared data files are read by path (the examples are not run where they are absent):
+
+    >>> pairs = load_pairwise(n=100, random_state=0)  # doctest: +SKIP
+    >>> pairs.columns[:3].tolist()  # doctest: +SKIP
+    ['prompt', 'chosen', 'rejected']
+    """
     df = load_table(_path(path))
     if exclude_prompts is not None:
         df = df[~df["prompt"].isin(set(exclude_prompts))]
@@ -118,7 +142,16 @@ def load_pairwise(path="pairwise_train.jsonl.gz", *, n=None, random_state=0, exc
 
 
 def load_ratings(path="multiobjective_sparse.jsonl.gz", *, n=None, random_state=0):
-    """Pointwise rows with absolute ratings, one column per attribute (NaN = missing)."""
+    """Pointwise rows with absolute ratings, one column per attribute (NaN = missing).
+
+    Examples
+    --------
+    The shared data files are read by path (the examples are not run where they are absent):
+
+    >>> ratings = load_ratings(n=100)  # doctest: +SKIP
+    >>> "gpt4_ref_score_1to10" in ratings  # doctest: +SKIP
+    True
+    """
     df = load_table(_path(path))
     attrs = pd.json_normalize(df["attributes"].tolist()).astype(float)
     out = pd.concat([df.drop(columns=["attributes"]).reset_index(drop=True), attrs], axis=1)
@@ -126,12 +159,30 @@ def load_ratings(path="multiobjective_sparse.jsonl.gz", *, n=None, random_state=
 
 
 def load_routing(path="routing_prompts.jsonl.gz", *, n=None, random_state=0):
-    """Prompts with task-category labels (``label_coarse``, ``label_fine``)."""
+    """Prompts with task-category labels (``label_coarse``, ``label_fine``).
+
+    Examples
+    --------
+    The shared data files are read by path (the examples are not run where they are absent):
+
+    >>> routes = load_routing(n=100)  # doctest: +SKIP
+    >>> {"prompt", "label_coarse", "label_fine"} <= set(routes.columns)  # doctest: +SKIP
+    True
+    """
     return _sample(load_table(_path(path)), n, random_state)
 
 
 def load_bon(path="bon_alpacaeval.jsonl.gz"):
-    """Best-of-N data, one row per (prompt, candidate) with the judges' gold scores where present."""
+    """Best-of-N data, one row per (prompt, candidate) with the judges' gold scores where present.
+
+    Examples
+    --------
+    The shared data files are read by path (the examples are not run where they are absent):
+
+    >>> bon = load_bon()  # doctest: +SKIP
+    >>> bon.groupby("prompt_id").size().max() > 10  # doctest: +SKIP
+    True
+    """
     rows = []
     for i, rec in enumerate(load_table(_path(path)).to_dict("records")):
         for cand in rec["candidates"]:

@@ -63,6 +63,15 @@ def rewardbench_report(eval_df, chosen_scores, rejected_scores):
     Returns
     -------
     DataFrame with columns ``category, subset, n, accuracy, stderr``.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> df = pd.DataFrame({"category": ["Chat"] * 4, "subset": ["a", "a", "b", "b"]})
+    >>> rewardbench_report(df, [1, 1, 0, 1], [0, 0, 1, 1])[["subset", "n", "accuracy"]]
+      subset  n  accuracy
+    0      a  2       1.0
+    1      b  2       0.0
     """
     correct = _correct(eval_df, chosen_scores, rejected_scores)
     df = pd.DataFrame({"category": eval_df["category"].to_numpy(), "subset": eval_df["subset"].to_numpy(),

@@ -89,11 +89,7 @@ def test_every_public_name_is_in_the_api_reference(module):
 
 # Public names whose docstrings still lack an example; the test fails when one gains
 # an example (shrink this list) or when a new public name comes without one.
-KNOWN_WITHOUT_EXAMPLE = {
-    "rmkit.cache_dir", "rmkit.metrics.rewardbench_report", "rmkit.datasets.data_dir", "rmkit.datasets.load_eval",
-    "rmkit.datasets.load_pairwise", "rmkit.datasets.load_ratings", "rmkit.datasets.load_routing",
-    "rmkit.datasets.load_bon", "rmkit.JudgeAuthenticationError",
-}
+KNOWN_WITHOUT_EXAMPLE = {"rmkit.JudgeAuthenticationError"}
 
 
 def test_public_classes_and_functions_have_examples():
