@@ -40,13 +40,9 @@ from ._experts import CapabilityExperts
 from ._featurizer import BackboneFeaturizer
 from ._lora import LoRAExpertRegressor
 from ._router import TaskRouter
-from ._skorch import BradleyTerryLoss, seed_torch
+from ._skorch import BradleyTerryLoss, seed_torch, silent_sink
 
 __all__ = ["AggregatorModule", "CapabilityAggregator", "CapabilityMoE", "DMoERM"]
-
-
-def _silent(*args, **kwargs):
-    """A picklable no-op message sink for skorch callbacks."""
 
 
 class AggregatorModule(nn.Module):
@@ -154,7 +150,7 @@ class CapabilityAggregator(NeuralNet):
         callbacks = list(super().get_default_callbacks())
         if self.validation_fraction:
             callbacks.append(("early_stopping", EarlyStopping(monitor="valid_loss", patience=self.patience,
-                                                              load_best=True, sink=_silent)))
+                                                              load_best=True, sink=silent_sink)))
         return callbacks
 
     def get_split_datasets(self, X, y=None, **fit_params):

@@ -13,7 +13,7 @@ from skorch.dataset import ValidSplit
 from sklearn.utils.validation import check_array, check_is_fitted
 from torch import nn
 
-from ._skorch import BradleyTerryLoss, seed_torch
+from ._skorch import BradleyTerryLoss, seed_torch, silent_sink
 
 __all__ = ["GatedScalarizer", "GatingModule"]
 
@@ -199,7 +199,7 @@ class GatedScalarizer(NeuralNet):
                                                       T_max=max(1, int(self.max_epochs)))))
         if self.validation_fraction:
             callbacks.append(("early_stopping", EarlyStopping(monitor="valid_loss", patience=self.patience,
-                                                              load_best=True, sink=lambda *a, **k: None)))
+                                                              load_best=True, sink=silent_sink)))
         return callbacks
 
     def get_split_datasets(self, X, y=None, **fit_params):

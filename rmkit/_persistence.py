@@ -145,6 +145,7 @@ _SKLEARN_SAFE = {
     "sklearn.linear_model": ["Ridge", "RidgeCV", "RidgeClassifier", "LinearRegression", "LogisticRegression",
                              "Lasso", "ElasticNet"],
     "sklearn.dummy": ["DummyRegressor", "DummyClassifier"],
+    "sklearn.frozen": ["FrozenEstimator"],
     "sklearn.multioutput": ["MultiOutputRegressor"],
     "sklearn.cluster": ["KMeans"],
     "sklearn.feature_extraction.text": ["CountVectorizer", "TfidfTransformer", "TfidfVectorizer"],

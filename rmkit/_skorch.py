@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from ._backbones import resolve_device
 
-__all__ = ["BradleyTerryLoss", "bradley_terry_loss", "seed_torch", "skorch_device"]
+__all__ = ["BradleyTerryLoss", "bradley_terry_loss", "seed_torch", "silent_sink", "skorch_device"]
 
 
 def bradley_terry_loss(chosen, rejected, margin=None):
@@ -58,3 +58,7 @@ def seed_torch(random_state):
 def skorch_device(device):
     """Resolve rmkit's ``device="auto"`` for a skorch ``device`` argument."""
     return resolve_device(device)
+
+
+def silent_sink(*args, **kwargs):
+    """A picklable no-op message sink for skorch callbacks (a lambda would break joblib)."""

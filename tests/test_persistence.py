@@ -545,10 +545,7 @@ def _factory_dmoerm(tiny):
 
 # Known pickling bugs in the estimators themselves (an EarlyStopping callback with a lambda `sink`
 # is built in get_default_callbacks); strict: the test fails once they are fixed, so remove them here.
-JOBLIB_BUGS = {
-    name: "get_default_callbacks() builds EarlyStopping(sink=lambda ...), which pickle cannot store"
-    for name in ("GatedScalarizer", "ArmoRM")
-}
+JOBLIB_BUGS = {}  # name -> reason, for a known pickling bug (strict xfail)
 
 # Public estimators with nothing learned to persist
 NOT_PERSISTED = {
