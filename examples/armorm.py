@@ -34,10 +34,16 @@ def main():
     parser.add_argument("--n-pairs", type=int, default=400)
     parser.add_argument("--n-ratings", type=int, default=300)
     parser.add_argument("--n-eval", type=int, default=400, help="0 = every non-Extra pair")
-    parser.add_argument("--layer", type=int, default=10, help="backbone layer (10 of 30 probes best on training data)")
+    parser.add_argument("--layer", type=int, default=None,
+                        help="backbone layer (default: 10 of 30 on the embedded backbone, which probes best on "
+                             "training data; the last layer elsewhere)")
+    parser.add_argument("--backbone", default=os.environ.get("RMKIT_EXAMPLES_BACKBONE", "smollm2-135m-instruct"),
+                        help="backbone name or folder ('rmkit-tiny' for a seconds-long smoke run)")
     args = parser.parse_args()
     if args.data_dir:
         os.environ["RMKIT_DATA_DIR"] = args.data_dir
+    if args.layer is None:
+        args.layer = 10 if args.backbone == "smollm2-135m-instruct" else -1
 
     from rmkit import ArmoRM, BackboneFeaturizer, GatedScalarizer, VerbosityDecorrelator
     from rmkit.datasets import load_eval, load_pairwise, load_ratings
@@ -54,7 +60,7 @@ def main():
         evaluation = evaluation.sample(n=min(args.n_eval, len(evaluation)), random_state=0)
 
     model = ArmoRM(
-        BackboneFeaturizer(layer=args.layer, max_length=512, dtype="bfloat16"),
+        BackboneFeaturizer(args.backbone, layer=args.layer, max_length=512, dtype="bfloat16"),
         pair_objective_column="objective",  # pairs -> one Bradley–Terry objective per source
         decorrelator=VerbosityDecorrelator(threshold=0.03, drop_verbosity=True),
         gating=GatedScalarizer(hidden_size=128, max_epochs=60, batch_size=128),

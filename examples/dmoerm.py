@@ -103,6 +103,8 @@ def main():
     parser.add_argument("--judge-labels", action="store_true", help="train on the judge's labels for refusal "
                         "and conciseness instead of the derived ones")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backbone", default=os.environ.get("RMKIT_EXAMPLES_BACKBONE", "smollm2-135m-instruct"),
+                        help="backbone name or folder ('rmkit-tiny' for a seconds-long smoke run)")
     args = parser.parse_args()
     if args.data_dir:
         os.environ["RMKIT_DATA_DIR"] = args.data_dir
@@ -133,7 +135,7 @@ def main():
     X = pd.concat([train, labels], axis=1)
     print("\nlabelled pairs per capability:", labels.notna().sum().to_dict())
 
-    experts = CapabilityExperts(rank=8, alpha=16, layers=0.25, lr=5e-4, max_epochs=args.epochs, batch_size=8,
+    experts = CapabilityExperts(backbone=args.backbone, rank=8, alpha=16, layers=0.25, lr=5e-4, max_epochs=args.epochs, batch_size=8,
                                 max_length=args.max_length, dtype=args.dtype, random_state=args.seed, verbose=0)
     model = DMoERM(
         CAPABILITIES,
@@ -144,7 +146,7 @@ def main():
         task_finetune=args.task_finetune,
         expert_fraction=0.6,  # the paper's split: 60% of a task's pairs for the experts, 40% for the aggregator
         drop_unlabelled=True,  # a task where a capability never gets a label trains without that expert
-        featurizer=BackboneFeaturizer(max_length=args.max_length, dtype=args.dtype, verbose=0),
+        featurizer=BackboneFeaturizer(args.backbone, max_length=args.max_length, dtype=args.dtype, verbose=0),
         random_state=args.seed,
         verbose=0,
     )
