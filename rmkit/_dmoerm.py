@@ -28,8 +28,6 @@ import numpy as np
 import pandas as pd
 import torch
 from skorch import NeuralNet
-from skorch.callbacks import EarlyStopping
-from skorch.dataset import ValidSplit
 from sklearn.base import BaseEstimator, clone
 from sklearn.utils.validation import check_array, check_is_fitted
 from torch import nn
@@ -40,7 +38,7 @@ from ._experts import CapabilityExperts
 from ._featurizer import BackboneFeaturizer
 from ._lora import LoRAExpertRegressor
 from ._router import TaskRouter
-from ._skorch import BradleyTerryLoss, seed_torch, silent_sink
+from ._skorch import BradleyTerryLoss, ValidationMixin, seed_torch
 
 __all__ = ["AggregatorModule", "CapabilityAggregator", "CapabilityMoE", "DMoERM"]
 
@@ -71,7 +69,7 @@ class AggregatorModule(nn.Module):
         return self.score(X)[:, None]
 
 
-class CapabilityAggregator(NeuralNet):
+class CapabilityAggregator(ValidationMixin, NeuralNet):
     """DMoERM's aggregator: an MLP over concatenated expert features, trained Bradley–Terry.
 
     Array-level: each response is represented by ``n_features`` numbers (the
@@ -146,19 +144,6 @@ class CapabilityAggregator(NeuralNet):
         self.module_ = self.module(**kwargs)
         return self
 
-    def get_default_callbacks(self):
-        callbacks = list(super().get_default_callbacks())
-        if self.validation_fraction:
-            callbacks.append(("early_stopping", EarlyStopping(monitor="valid_loss", patience=self.patience,
-                                                              load_best=True, sink=silent_sink)))
-        return callbacks
-
-    def get_split_datasets(self, X, y=None, **fit_params):
-        dataset = self.get_dataset(X, y)
-        if not self.validation_fraction:
-            return dataset, None
-        seed = self.random_state if isinstance(self.random_state, numbers.Integral) else None
-        return ValidSplit(float(self.validation_fraction), random_state=seed)(dataset, y)
 
     def fit(self, X, y=None, **fit_params):
         """Train on pairs ``[h_chosen | h_rejected]``; ``y`` is ignored (chosen comes first)."""

@@ -8,12 +8,11 @@ import numpy as np
 import pandas as pd
 import torch
 from skorch import NeuralNet
-from skorch.callbacks import EarlyStopping, LRScheduler
-from skorch.dataset import ValidSplit
+from skorch.callbacks import LRScheduler
 from sklearn.utils.validation import check_array, check_is_fitted
 from torch import nn
 
-from ._skorch import BradleyTerryLoss, seed_torch, silent_sink
+from ._skorch import BradleyTerryLoss, ValidationMixin, seed_torch
 
 __all__ = ["GatedScalarizer", "GatingModule"]
 
@@ -61,7 +60,7 @@ class GatingModule(nn.Module):
         return self.score(g, X[:, :k])[:, None]
 
 
-class GatedScalarizer(NeuralNet):
+class GatedScalarizer(ValidationMixin, NeuralNet):
     """ArmoRM's gating layer as a skorch estimator: one reward per response from objective rewards.
 
     A ReLU MLP on the prompt feature gives logits over the (transformed)
@@ -197,17 +196,7 @@ class GatedScalarizer(NeuralNet):
         callbacks = list(super().get_default_callbacks())
         callbacks.append(("lr_scheduler", LRScheduler(policy=torch.optim.lr_scheduler.CosineAnnealingLR,
                                                       T_max=max(1, int(self.max_epochs)))))
-        if self.validation_fraction:
-            callbacks.append(("early_stopping", EarlyStopping(monitor="valid_loss", patience=self.patience,
-                                                              load_best=True, sink=silent_sink)))
         return callbacks
-
-    def get_split_datasets(self, X, y=None, **fit_params):
-        dataset = self.get_dataset(X, y)
-        if not self.validation_fraction:
-            return dataset, None
-        seed = self.random_state if isinstance(self.random_state, numbers.Integral) else None
-        return ValidSplit(float(self.validation_fraction), random_state=seed)(dataset, y)
 
     # -- data ----------------------------------------------------------------------------------
     def _rows(self, X, kind=None):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 from torch import nn
@@ -9,7 +11,7 @@ from torch.nn import functional as F
 
 from ._backbones import resolve_device
 
-__all__ = ["BradleyTerryLoss", "bradley_terry_loss", "seed_torch", "silent_sink", "skorch_device"]
+__all__ = ["BradleyTerryLoss", "ValidationMixin", "bradley_terry_loss", "seed_torch", "silent_sink", "skorch_device"]
 
 
 def bradley_terry_loss(chosen, rejected, margin=None):
@@ -62,3 +64,26 @@ def skorch_device(device):
 
 def silent_sink(*args, **kwargs):
     """A picklable no-op message sink for skorch callbacks (a lambda would break joblib)."""
+
+
+class ValidationMixin:
+    """Early stopping on a seeded validation split, for skorch nets with ``validation_fraction``,
+    ``patience`` and ``random_state`` parameters (no split when ``validation_fraction`` is 0)."""
+
+    def get_default_callbacks(self):
+        from skorch.callbacks import EarlyStopping
+
+        callbacks = list(super().get_default_callbacks())
+        if self.validation_fraction:
+            callbacks.append(("early_stopping", EarlyStopping(monitor="valid_loss", patience=self.patience,
+                                                              load_best=True, sink=silent_sink)))
+        return callbacks
+
+    def get_split_datasets(self, X, y=None, **fit_params):
+        from skorch.dataset import ValidSplit
+
+        dataset = self.get_dataset(X, y)
+        if not self.validation_fraction:
+            return dataset, None
+        seed = self.random_state if isinstance(self.random_state, numbers.Integral) else None
+        return ValidSplit(float(self.validation_fraction), random_state=seed)(dataset, y)
