@@ -290,6 +290,20 @@ def markdown(results, meta):
     return "\n".join(notes) + "\n"
 
 
+def write_plot(stem, results):
+    """RewardBench section scores of every model as grouped bars, next to the table (needs matplotlib)."""
+    try:
+        from rmkit.plotting import plot_rewardbench
+    except ImportError:
+        return None
+    ax = plot_rewardbench({r["label"]: r["scores"] for r in results.values()})
+    ax.set_title(f"{stem.name}: RewardBench-style section scores")
+    ax.figure.set_size_inches(10, 4.5)
+    ax.figure.tight_layout()
+    ax.figure.savefig(stem.with_suffix(".png"), dpi=110)
+    return stem.with_suffix(".png")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
@@ -301,7 +315,10 @@ def main(argv=None):
                              "with --config lora_small)")
     parser.add_argument("--out", default=None, help="output stem (default benchmarks/results/quality[_small])")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (features are cached)")
+    parser.add_argument("--replot", metavar="JSON", help="only redraw the PNG of an earlier run's JSON")
     args = parser.parse_args(argv)
+    if args.replot:
+        return write_plot(Path(args.replot).with_suffix(""), json.loads(Path(args.replot).read_text())["results"])
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads)  # BLAS threads too: oversubscribed cores make small fits crawl
     t0 = time.time()
@@ -331,7 +348,8 @@ def main(argv=None):
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".md").write_text(markdown(results, meta))
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=float))
-    print(f"wrote {stem.with_suffix('.md')} and .json")
+    write_plot(stem, results)
+    print(f"wrote {stem.with_suffix('.md')}, .json and .png")
     return results
 
 
