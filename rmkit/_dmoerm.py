@@ -38,6 +38,7 @@ from ._experts import CapabilityExperts
 from ._featurizer import BackboneFeaturizer
 from ._lora import LoRAExpertRegressor
 from ._router import TaskRouter
+from ._base import TextRewardModelMixin
 from ._skorch import BradleyTerryLoss, ValidationMixin, seed_torch
 
 __all__ = ["AggregatorModule", "CapabilityAggregator", "CapabilityMoE", "DMoERM"]
@@ -267,7 +268,7 @@ def _capability_list(capabilities):
     return caps
 
 
-class CapabilityMoE(BaseEstimator):
+class CapabilityMoE(TextRewardModelMixin, BaseEstimator):
     """One task's dense mixture of capability experts (DMoERM's inner layer).
 
     Trained in three phases on the preference pairs of one task:
@@ -470,7 +471,7 @@ class CapabilityMoE(BaseEstimator):
         if len(df) and infer_kind(df) != "pairs":
             raise ValueError("CapabilityMoE trains on preference pairs: X needs 'chosen' and 'rejected' columns.")
         read_pairs(df)
-        caps = _capability_list(self.capabilities)
+        _capability_list(self.capabilities)  # fails early on an empty or malformed list
         expert_rows, agg_rows = self._split(len(df))
         labels = self._labels(df, expert_rows)
         text_cols = [c for c in ("prompt", "messages", "chosen", "rejected") if c in df.columns]
@@ -513,23 +514,13 @@ class CapabilityMoE(BaseEstimator):
         out.insert(0, "reward", self.predict(df))
         return out
 
-    def score(self, X, y=None):
-        """Pairwise accuracy on preference pairs."""
-        return float(np.mean(self.predict(X) > 0.5))
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
-        tags.input_tags.string = True
-        return tags
-
 
 # ---------------------------------------------------------------------------------------------
 # The double layer
 # ---------------------------------------------------------------------------------------------
 
 
-class DMoERM(BaseEstimator):
+class DMoERM(TextRewardModelMixin, BaseEstimator):
     """Double-layer mixture-of-experts reward model (Quan 2024).
 
     The outer, sparse layer is a :class:`~rmkit.TaskRouter`: a classifier on
@@ -670,13 +661,3 @@ class DMoERM(BaseEstimator):
         parts.insert(0, "task_probability", proba.max(axis=1))
         parts.insert(0, "task", routes)
         return parts
-
-    def score(self, X, y=None):
-        """Pairwise accuracy on preference pairs."""
-        return float(np.mean(self.predict(X) > 0.5))
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
-        tags.input_tags.string = True
-        return tags

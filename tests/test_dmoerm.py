@@ -74,7 +74,6 @@ def test_aggregator_bad_inputs():
 
 # --- the inner model and the double layer on the tiny backbone -----------------------------------
 
-import pandas as pd  # noqa: E402
 from sklearn.feature_extraction.text import TfidfVectorizer  # noqa: E402
 
 from rmkit import BackboneFeaturizer, CapabilityExperts, LoRAExpertRegressor  # noqa: E402
