@@ -2,7 +2,6 @@ import joblib
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.frozen import FrozenEstimator
@@ -16,13 +15,6 @@ from rmkit.datasets import make_preference_pairs
 
 GATE = dict(hidden_size=16, n_hidden_layers=1, batch_size=32, lr=3e-2, max_epochs=15, validation_fraction=None)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV
 
@@ -10,14 +9,6 @@ from rmkit.metrics import pairwise_scorer
 # scikit-learn's check_estimator does not apply to GatedScalarizer: its input is a structured
 # [rewards | prompt] layout, it trains on preference pairs and has no target y (see its Notes).
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny MLPs: thread start-up costs more than it saves, badly so on a shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 FAST = dict(hidden_size=16, n_hidden_layers=1, batch_size=64, lr=5e-2, max_epochs=20, validation_fraction=None)
