@@ -170,6 +170,7 @@ MODELS = {
 LORA = dict(rank=8, alpha=16, layers=0.25, lr=5e-4, batch_size=8, max_length=256, max_epochs=2, dtype="bfloat16")
 # LoRA models score every evaluation text with the backbone (no feature cache): a lighter config for CPUs.
 CONFIGS["lora_small"] = dict(n_pairs=160, n_ratings=300, n_eval=120, cv=3)
+CONFIGS["lora_medium"] = dict(n_pairs=600, n_ratings=300, n_eval=240, cv=3)
 REFUSAL = (r"\b(?:I can(?:no|')t|I cannot|I'm sorry|I am sorry|I apologi[sz]e|I won't|I will not|I'm not able|"
            r"I am not able|I'm unable|I am unable|as an AI|not appropriate|I must decline|I strongly advise)\b")
 

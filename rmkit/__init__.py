@@ -1,42 +1,70 @@
-"""rmkit: reward-model recipes (ArmoRM, DMoERM) as scikit-learn estimators."""
+"""rmkit: reward-model recipes (ArmoRM, DMoERM) as scikit-learn estimators.
 
-from ._backbones import EMBEDDED_BACKBONE, cache_dir, resolve_backbone
-from ._featurizer import BackboneFeaturizer, split_feature_blocks
-from ._experts import CapabilityExperts
-from ._lora import LoRAExpertRegressor
-from ._armorm import ArmoRM
-from ._decorrelation import VerbosityDecorrelator
-from ._gating import GatedScalarizer
-from ._multiobjective import MultiObjectiveRegressor
-from ._persistence import PersistenceError, load, register_safe_class, save
-from ._judge import CapabilityLabeler, JudgeAuthenticationError, OpenAIChatBackend, TransformersChatBackend
-from ._router import TaskRouter
-from ._dmoerm import CapabilityAggregator, CapabilityMoE, DMoERM
+The public names are imported on first use (PEP 562), so ``import rmkit`` and
+``python -m rmkit --help`` do not pay for torch, transformers and skorch
+until an estimator is touched.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CapabilityAggregator",
-    "CapabilityLabeler",
-    "CapabilityMoE",
-    "DMoERM",
-    "JudgeAuthenticationError",
-    "OpenAIChatBackend",
-    "TaskRouter",
-    "TransformersChatBackend",
-    "PersistenceError",
-    "load",
-    "register_safe_class",
-    "save",
-    "ArmoRM",
-    "GatedScalarizer",
-    "MultiObjectiveRegressor",
-    "VerbosityDecorrelator",
-    "BackboneFeaturizer",
-    "CapabilityExperts",
-    "LoRAExpertRegressor",
-    "EMBEDDED_BACKBONE",
-    "cache_dir",
-    "resolve_backbone",
-    "split_feature_blocks",
-]
+# public name -> private module that defines it
+_EXPORTS = {
+    "EMBEDDED_BACKBONE": "_backbones",
+    "cache_dir": "_backbones",
+    "resolve_backbone": "_backbones",
+    "BackboneFeaturizer": "_featurizer",
+    "split_feature_blocks": "_featurizer",
+    "CapabilityExperts": "_experts",
+    "LoRAExpertRegressor": "_lora",
+    "ArmoRM": "_armorm",
+    "VerbosityDecorrelator": "_decorrelation",
+    "GatedScalarizer": "_gating",
+    "MultiObjectiveRegressor": "_multiobjective",
+    "PersistenceError": "_persistence",
+    "load": "_persistence",
+    "register_safe_class": "_persistence",
+    "save": "_persistence",
+    "CapabilityLabeler": "_judge",
+    "JudgeAuthenticationError": "_judge",
+    "OpenAIChatBackend": "_judge",
+    "TransformersChatBackend": "_judge",
+    "TaskRouter": "_router",
+    "CapabilityAggregator": "_dmoerm",
+    "CapabilityMoE": "_dmoerm",
+    "DMoERM": "_dmoerm",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rmkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
+    from ._armorm import ArmoRM
+    from ._backbones import EMBEDDED_BACKBONE, cache_dir, resolve_backbone
+    from ._decorrelation import VerbosityDecorrelator
+    from ._dmoerm import CapabilityAggregator, CapabilityMoE, DMoERM
+    from ._experts import CapabilityExperts
+    from ._featurizer import BackboneFeaturizer, split_feature_blocks
+    from ._gating import GatedScalarizer
+    from ._judge import CapabilityLabeler, JudgeAuthenticationError, OpenAIChatBackend, TransformersChatBackend
+    from ._lora import LoRAExpertRegressor
+    from ._multiobjective import MultiObjectiveRegressor
+    from ._persistence import PersistenceError, load, register_safe_class, save
+    from ._router import TaskRouter

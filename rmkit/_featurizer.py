@@ -23,7 +23,7 @@ from ._templating import encode_conversation
 
 __all__ = ["BackboneFeaturizer", "split_feature_blocks"]
 
-_SLICE = 4096  # texts per cache write
+_SLICE = 4096  # texts tokenized, run and written to the cache together
 
 
 def split_feature_blocks(X, hidden_size, kind):
@@ -47,6 +47,21 @@ def split_feature_blocks(X, hidden_size, kind):
             f"({' | '.join(names)}), got shape {X.shape}."
         )
     return {n: X[:, i * hidden_size : (i + 1) * hidden_size] for i, n in enumerate(names)}
+
+
+def _place_features(out, items, values, n_rows, d):
+    """Write per-text ``[response | prompt]`` rows into the output layout.
+
+    Item ``r`` is row ``r``'s pointwise or chosen response; item
+    ``n_rows + r`` is row ``r``'s rejected response.
+    """
+    if out.shape[1] == 2 * d:
+        out[items] = values
+        return
+    first = items < n_rows
+    out[items[first], :d] = values[first, :d]
+    out[items[first], 2 * d :] = values[first, d:]
+    out[items[~first] - n_rows, d : 2 * d] = values[~first, :d]
 
 
 class BackboneFeaturizer(TransformerMixin, BaseEstimator):
@@ -192,59 +207,76 @@ class BackboneFeaturizer(TransformerMixin, BaseEstimator):
                 f"(SHA-256 {current[:12]}… vs {self.backbone_fingerprint_[:12]}…); refit it."
             )
         kind, data = read_texts(X)
-        tokenizer = load_tokenizer(self.backbone)
-        convs = data.conversations
-        responses = data.responses if kind == "pointwise" else data.chosen + data.rejected
-        n_rows = len(convs)
-        encoded = [encode_conversation(tokenizer, convs[i % n_rows], r, self.max_length)
-                   for i, r in enumerate(responses)]
-        namespace = self._namespace()
-        keys = [feature_key(namespace, e.prefix, e.suffix) for e in encoded]
-        store = self._feature_cache()
-        found = store.get_many(keys) if store is not None else {}
-        todo = [i for i, k in enumerate(keys) if k not in found]
-        stats = ForwardStats()
-        if todo:
-            found.update(self._compute(tokenizer, [encoded[i] for i in todo], [keys[i] for i in todo], store, stats))
-        d = self.hidden_size_
-        vecs = np.stack([found[k] for k in keys])  # (n_items, 2d): response | prompt
-        n_trunc = sum(e.truncated for e in encoded)
-        self.last_stats_ = dict(rows=n_rows, items=len(encoded), cache_hits=len(encoded) - len(todo),
-                                truncated=n_trunc, real_tokens=stats.real_tokens,
-                                padded_tokens=stats.padded_tokens, padded_fraction=stats.padded_fraction)
-        if n_trunc and self.verbose:
-            warnings.warn(f"{n_trunc} of {len(encoded)} texts exceeded max_length={self.max_length} and were "
-                          "truncated (prompt start first, then response end).", stacklevel=2)
-        if kind == "pointwise":
-            return np.hstack([vecs[:, :d], vecs[:, d:]])
-        return np.hstack([vecs[:n_rows, :d], vecs[n_rows:, :d], vecs[:n_rows, d:]])
-
-    def _compute(self, tokenizer, encoded, keys, store, stats):
-        """Run the backbone on ``encoded``; results reach the cache slice by slice, so an interruption
-        loses at most one slice of work."""
         from tqdm.auto import tqdm
 
-        model = self._model()
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        out = {}
-        with tqdm(total=len(encoded), desc="featurize", unit="text", disable=not self.verbose) as bar:
-            for start in range(0, len(encoded), _SLICE):
-                part = encoded[start : start + _SLICE]
-                if self.share_prompts:
-                    index = {}
-                    owners = [index.setdefault(e.prefix, len(index)) for e in part]
-                    prefixes = list(index)
-                else:
-                    prefixes, owners = [e.prefix for e in part], list(range(len(part)))
-                resp, prompt = run_prefix_suffix(model, prefixes, [e.suffix for e in part], owners,
-                                                 layer=self.layer_, pooling=self.pooling,
-                                                 batch_size=self.batch_size, pad_id=pad_id, progress=bar,
-                                                 stats=stats)
-                done = dict(zip(keys[start : start + _SLICE], np.hstack([resp, prompt[owners]])))
-                if store is not None:
-                    store.put_many(done.items())
-                out.update(done)
+        tokenizer = load_tokenizer(self.backbone)
+        convs = data.conversations
+        sides = [data.responses] if kind == "pointwise" else [data.chosen, data.rejected]
+        n_rows, d = len(convs), self.hidden_size_
+        # Results go straight into the output and rows are tokenized a slice at a time, so memory
+        # beyond the output is bounded by one slice, not by the dataset.
+        out = np.empty((n_rows, (len(sides) + 1) * d), dtype=np.float32)
+        stats, counts = ForwardStats(), dict(hits=0, truncated=0)
+        store, namespace = self._feature_cache(), self._namespace()
+        step = max(1, _SLICE // len(sides))  # a row's responses stay in one slice: they share its prompt
+        with tqdm(total=n_rows * len(sides), desc="featurize", unit="text", disable=not self.verbose) as bar:
+            for start in range(0, n_rows, step):
+                rows = range(start, min(start + step, n_rows))
+                encoded = [encode_conversation(tokenizer, convs[r], side[r], self.max_length)
+                           for side in sides for r in rows]
+                items = np.asarray([s * n_rows + r for s in range(len(sides)) for r in rows])
+                self._featurize_slice(encoded, items, out, store, namespace, tokenizer, stats, counts, bar)
+        n_items = n_rows * len(sides)
+        self.last_stats_ = dict(rows=n_rows, items=n_items, cache_hits=counts["hits"],
+                                truncated=counts["truncated"], real_tokens=stats.real_tokens,
+                                padded_tokens=stats.padded_tokens, padded_fraction=stats.padded_fraction)
+        if counts["truncated"] and self.verbose:
+            warnings.warn(f"{counts['truncated']} of {n_items} texts exceeded max_length={self.max_length} and "
+                          "were truncated (prompt start first, then response end).", stacklevel=2)
         return out
+
+    def _featurize_slice(self, encoded, items, out, store, namespace, tokenizer, stats, counts, bar):
+        """Features of one slice of texts, from the cache or the backbone, written into ``out``.
+
+        Computed features reach the cache before the next slice starts, so an interruption loses at
+        most one slice of work. Identical texts run once.
+        """
+        n_rows, d = out.shape[0], self.hidden_size_
+        where = {}  # key -> positions in the slice with that exact input
+        for pos, e in enumerate(encoded):
+            where.setdefault(feature_key(namespace, e.prefix, e.suffix), []).append(pos)
+        counts["truncated"] += sum(e.truncated for e in encoded)
+
+        def place(keys, values):
+            pos = [p for k in keys for p in where[k]]
+            values = np.repeat(values, [len(where[k]) for k in keys], axis=0)
+            _place_features(out, items[pos], values, n_rows, d)
+
+        found = store.get_many(list(where)) if store is not None else {}
+        if found:
+            place(list(found), np.stack(list(found.values())))
+            hits = sum(len(where[k]) for k in found)
+            counts["hits"] += hits
+            bar.update(hits)
+        todo = [k for k in where if k not in found]
+        if not todo:
+            return
+        part = [encoded[where[k][0]] for k in todo]
+        if self.share_prompts:
+            index = {}
+            owners = [index.setdefault(e.prefix, len(index)) for e in part]
+            prefixes = list(index)
+        else:
+            prefixes, owners = [e.prefix for e in part], list(range(len(part)))
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        resp, prompt = run_prefix_suffix(self._model(), prefixes, [e.suffix for e in part], owners,
+                                         layer=self.layer_, pooling=self.pooling, batch_size=self.batch_size,
+                                         pad_id=pad_id, progress=bar, stats=stats)
+        values = np.hstack([resp, prompt[owners]])  # response | prompt
+        if store is not None:
+            store.put_many(zip(todo, values))
+        place(todo, values)
+        bar.update(sum(len(where[k]) - 1 for k in todo))  # duplicates of computed texts
 
     def get_feature_names_out(self, input_features=None):
         """Names of the output columns for the layout of ``input_kind_``."""

@@ -242,12 +242,24 @@ def _builtin_allowed(cls):
     return False
 
 
+def _import_rmkit_modules():
+    """Import rmkit's own estimator modules (a fixed list: ``rmkit`` loads them lazily)."""
+    import importlib
+
+    import rmkit
+
+    for module in sorted(set(rmkit._EXPORTS.values())):
+        importlib.import_module(f"rmkit.{module}")
+
+
 def _allowed_class(name, what):
     _register_sklearn()
     cls = _REGISTERED.get(name)
     if cls is None and isinstance(name, str):
         if name.startswith("skorch."):
             import skorch  # noqa: F401  (a dependency; imported so its classes can be found)
+        if name.startswith("rmkit."):
+            _import_rmkit_modules()
         cls = _lookup(name)
         if cls is not None and (_qualified_name(cls) != name or not _builtin_allowed(cls)):
             cls = None

@@ -65,6 +65,16 @@ def test_help_and_version():
     assert exc.value.code == 0
 
 
+def test_import_and_help_do_not_load_torch():
+    """The public names load on first use, so the CLI's help is instant."""
+    code = ("import sys, rmkit, rmkit.__main__; assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert set(rmkit.__all__) <= set(dir(rmkit)); rmkit.ArmoRM; assert 'torch' in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    with pytest.raises(AttributeError, match="no attribute 'NotAnEstimator'"):
+        rmkit.NotAnEstimator
+
+
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "COMMAND" in capsys.readouterr().out

@@ -124,6 +124,37 @@ def test_cache_hit_is_identical_and_changed_setting_misses(tiny, feature_cache):
     assert other.last_stats_["cache_hits"] == 0
 
 
+def test_partial_cache_hits_and_duplicates_land_in_the_right_rows(tiny, feature_cache):
+    pairs = _pairs(6)
+    expected = BackboneFeaturizer(tiny, cache=False, verbose=0).fit(pairs).transform(pairs)
+    f = BackboneFeaturizer(tiny, cache=feature_cache, verbose=0).fit(pairs)
+    f.transform(pairs.iloc[[4, 1]])  # some rows cached, others not
+    mixed = pd.concat([pairs, pairs.iloc[[2, 2]]], ignore_index=True)  # row 2 three times
+    got = f.transform(mixed)
+    assert f.last_stats_["cache_hits"] == 4
+    np.testing.assert_allclose(got[:6], expected, atol=1e-5)
+    np.testing.assert_array_equal(got[6], got[2])
+    np.testing.assert_array_equal(got[7], got[2])
+    alone = BackboneFeaturizer(tiny, cache=False, verbose=0).fit(pairs)
+    alone.transform(pairs.iloc[[2]])
+    tokens_once = alone.last_stats_["real_tokens"]
+    alone.transform(pairs.iloc[[2, 2, 2]])
+    assert alone.last_stats_["real_tokens"] == tokens_once  # identical inputs run once
+
+
+@pytest.mark.parametrize("kind", ["pairs", "pointwise"])
+def test_slices_give_the_same_features_and_keep_prompt_sharing(tiny, monkeypatch, kind):
+    import rmkit._featurizer as featurizer_module
+
+    X = _pairs(7) if kind == "pairs" else _pointwise(_pairs(7))
+    f = BackboneFeaturizer(tiny, cache=False, verbose=0).fit(X)
+    whole = f.transform(X)
+    tokens = f.last_stats_["real_tokens"]
+    monkeypatch.setattr(featurizer_module, "_SLICE", 4)  # 2 pairs or 4 rows per slice
+    np.testing.assert_allclose(f.transform(X), whole, atol=1e-5)
+    assert f.last_stats_["real_tokens"] == tokens  # each prompt still runs once
+
+
 def test_truncation_keeps_closing_tokens_and_drops_prompt_first(tiny):
     from rmkit._templating import encode_conversation
 
