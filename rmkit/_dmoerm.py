@@ -207,17 +207,10 @@ def merge_task_adapter(task_model, root=None):
     root : str or Path, optional
         Parent folder; defaults to ``<rmkit cache>/dmoerm``.
     """
-    from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_is_fitted(task_model, "objective_")
-    # LoRAExpertRegressor keeps its runtime module (a peft view of the backbone) private; read the deltas from it.
-    module = task_model._module()
-    adapter = task_model._NAME
-    deltas = {}
-    for name, layer in module.base.named_modules():
-        if isinstance(layer, LoraLayer) and adapter in getattr(layer, "lora_A", {}):
-            deltas[name] = layer.get_delta_weight(adapter).detach().float().cpu()
+    deltas = task_model.weight_deltas()
     if not deltas:
         raise RuntimeError("The task model has no LoRA layers to merge.")
     h = hashlib.sha256(weights_fingerprint(task_model.backbone).encode())

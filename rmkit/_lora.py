@@ -709,3 +709,23 @@ class LoRAExpertRegressor(TransformerMixin, RegressorMixin, _LoRABase):
     def get_feature_names_out(self, input_features=None):
         check_is_fitted(self, "objective_")
         return np.asarray([f"hidden_{i}" for i in range(self.hidden_size_)], dtype=object)
+
+    def weight_deltas(self):
+        """What the adapter adds to each adapted weight: ``{module name: ΔW}``.
+
+        ``ΔW = (alpha / rank) · B A`` as a float32 CPU tensor of the adapted
+        linear layer's weight shape, named as in the backbone's decoder
+        (``layers.7.self_attn.q_proj``, ...). Adding these to a fresh copy of
+        the backbone merges the adapter (DMoERM's phase-1 task model).
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+        """
+        from peft.tuners.lora import LoraLayer
+
+        check_is_fitted(self, "objective_")
+        base = self._module().base
+        return {name: layer.get_delta_weight(self._NAME).detach().float().cpu()
+                for name, layer in base.named_modules()
+                if isinstance(layer, LoraLayer) and self._NAME in getattr(layer, "lora_A", {})}

@@ -126,6 +126,20 @@ def test_lora_never_touches_the_shared_backbone(tiny, fitted):
     assert view.embed_tokens.weight.data_ptr() == base.embed_tokens.weight.data_ptr()
 
 
+def test_weight_deltas_are_the_low_rank_updates(tiny, fitted):
+    from sklearn.exceptions import NotFittedError
+
+    base = load_backbone(tiny, device="cpu")
+    deltas = fitted.weight_deltas()
+    assert deltas and all(name.startswith("layers.") for name in deltas)
+    for name, delta in deltas.items():
+        assert delta.shape == base.get_submodule(name).weight.shape
+        assert torch.linalg.matrix_rank(delta).item() <= fitted.rank  # B A has rank <= r
+    assert max(d.abs().max().item() for d in deltas.values()) > 0  # training moved B away from zero
+    with pytest.raises(NotFittedError):
+        rm(tiny).weight_deltas()
+
+
 def test_joblib_roundtrip_keeps_only_adapter_and_head(tiny, fitted, tmp_path):
     X = make_pairs(6, seed=6)
     path = tmp_path / "rm.joblib"
