@@ -198,6 +198,8 @@ class BackboneFeaturizer(TransformerMixin, BaseEstimator):
 
     def transform(self, X):
         """Featurize pointwise rows or preference pairs (see the class docstring for the layout)."""
+        from tqdm.auto import tqdm
+
         check_is_fitted(self, "hidden_size_")
         self._check_params()
         current = weights_fingerprint(self.backbone)  # memoised beside the weights: cheap
@@ -207,8 +209,6 @@ class BackboneFeaturizer(TransformerMixin, BaseEstimator):
                 f"(SHA-256 {current[:12]}… vs {self.backbone_fingerprint_[:12]}…); refit it."
             )
         kind, data = read_texts(X)
-        from tqdm.auto import tqdm
-
         tokenizer = load_tokenizer(self.backbone)
         convs = data.conversations
         sides = [data.responses] if kind == "pointwise" else [data.chosen, data.rejected]
