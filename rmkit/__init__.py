@@ -55,16 +55,16 @@ def __dir__():
     return sorted(set(globals()) | set(__all__))
 
 
-if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
-    from ._armorm import ArmoRM
-    from ._backbones import EMBEDDED_BACKBONE, cache_dir, resolve_backbone
-    from ._decorrelation import VerbosityDecorrelator
-    from ._dmoerm import CapabilityAggregator, CapabilityMoE, DMoERM
-    from ._experts import CapabilityExperts
-    from ._featurizer import BackboneFeaturizer, split_feature_blocks
-    from ._gating import GatedScalarizer
-    from ._judge import CapabilityLabeler, JudgeAuthenticationError, OpenAIChatBackend, TransformersChatBackend
-    from ._lora import LoRAExpertRegressor
-    from ._multiobjective import MultiObjectiveRegressor
-    from ._persistence import PersistenceError, load, register_safe_class, save
-    from ._router import TaskRouter
+if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports (re-exports)
+    from ._armorm import ArmoRM  # noqa: F401
+    from ._backbones import EMBEDDED_BACKBONE, cache_dir, resolve_backbone  # noqa: F401
+    from ._decorrelation import VerbosityDecorrelator  # noqa: F401
+    from ._dmoerm import CapabilityAggregator, CapabilityMoE, DMoERM  # noqa: F401
+    from ._experts import CapabilityExperts  # noqa: F401
+    from ._featurizer import BackboneFeaturizer, split_feature_blocks  # noqa: F401
+    from ._gating import GatedScalarizer  # noqa: F401
+    from ._judge import CapabilityLabeler, JudgeAuthenticationError, OpenAIChatBackend, TransformersChatBackend  # noqa: F401
+    from ._lora import LoRAExpertRegressor  # noqa: F401
+    from ._multiobjective import MultiObjectiveRegressor  # noqa: F401
+    from ._persistence import PersistenceError, load, register_safe_class, save  # noqa: F401
+    from ._router import TaskRouter  # noqa: F401
