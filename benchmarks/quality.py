@@ -32,8 +32,12 @@ import pandas as pd
 import torch
 from threadpoolctl import threadpool_limits
 
-from rmkit import ArmoRM, BackboneFeaturizer, GatedScalarizer, MultiObjectiveRegressor, VerbosityDecorrelator
+from sklearn.frozen import FrozenEstimator
+
+from rmkit import (ArmoRM, BackboneFeaturizer, GatedScalarizer, MultiObjectiveRegressor, ObjectiveUnion,
+                   VerbosityDecorrelator)
 from rmkit._armorm import response_token_lengths
+from rmkit.layout import read_layout, select_side
 from rmkit.datasets import load_eval, load_pairwise, load_ratings
 from rmkit.metrics import rewardbench_scores
 
@@ -98,16 +102,8 @@ class BenchData:
         return self.cache[name]
 
     def pointwise(self, name, side):
-        """``[response | prompt]`` rows of one side (``chosen``/``rejected``) of a pairs set."""
-        F, d = self.features(name), self.featurizer.hidden_size_
-        block = F[:, :d] if side == "chosen" else F[:, d:2 * d]
-        return np.hstack([block, F[:, 2 * d:]])
-
-    def pair_objectives(self):
-        groups = {}
-        for name in self.train["objective"].dropna().unique():
-            groups[name] = self.features("train")[(self.train["objective"] == name).to_numpy()]
-        return groups
+        """The pointwise feature frame of one side (``chosen``/``rejected``) of a pairs set."""
+        return select_side(self.features(name), side)
 
 
 # -- model builders: data -> (chosen_scores, rejected_scores) on data.eval ----------------------------
@@ -121,22 +117,24 @@ def longer_wins(data):
 
 def bt_probe(data):
     """(a) One Bradley–Terry linear probe on all training pairs."""
-    mor = MultiObjectiveRegressor(random_state=data.seed).fit(None, pair_objectives={"bt": data.features("train")})
-    return mor.predict(data.pointwise("eval", "chosen"))[:, 0], mor.predict(data.pointwise("eval", "rejected"))[:, 0]
+    mor = MultiObjectiveRegressor(random_state=data.seed).fit(data.features("train"))
+    R = mor.transform(data.features("eval"))
+    return R["chosen:r:preference"].to_numpy(), R["rejected:r:preference"].to_numpy()
 
 
 def stage1(data):
-    """The stage-1 regressor ArmoRM uses: rated objectives + one BT probe per pair source."""
-    y = data.ratings[RATING_COLUMNS]
-    return MultiObjectiveRegressor(random_state=data.seed).fit(data.features("ratings"), y,
-                                                                pair_objectives=data.pair_objectives())
+    """The stage-1 objectives ArmoRM uses: rated objectives + one BT probe per pair source."""
+    rated = MultiObjectiveRegressor(random_state=data.seed).fit(data.features("ratings"), data.ratings[RATING_COLUMNS])
+    union = ObjectiveUnion([("rated", FrozenEstimator(rated)),
+                            ("pairwise", MultiObjectiveRegressor(random_state=data.seed))])
+    return union.fit(data.features("train"), pairwise__sources=data.train["objective"].to_numpy())
 
 
 def objective_mean(data):
     """(b) The unweighted mean of the standardised stage-1 objectives."""
-    mor = stage1(data)
-    return (mor.predict(data.pointwise("eval", "chosen")).mean(1),
-            mor.predict(data.pointwise("eval", "rejected")).mean(1))
+    R = stage1(data).transform(data.features("eval"))
+    lay = read_layout(R, step="objective_mean")
+    return lay.block(R, "chosen", "r").mean(1), lay.block(R, "rejected", "r").mean(1)
 
 
 def armorm_model(data, **overrides):
@@ -152,7 +150,7 @@ def armorm(data):
     train = text_frame(data.train, "pairs").assign(objective=data.train["objective"].to_numpy())
     model = armorm_model(data).fit(train, ratings=text_frame(data.ratings, "pointwise").join(
         data.ratings[RATING_COLUMNS]))
-    s = model.decision_function(text_frame(data.eval, "pairs"))
+    s = model.reward_pairs(text_frame(data.eval, "pairs"))
     data.cache["armorm_model"] = model
     return s[:, 0], s[:, 1]
 

@@ -70,7 +70,7 @@ def main():
     print("objectives:", list(model.objective_names_))
     print("λ (verbosity penalty per objective):", model.decorrelator_.lambdas_.round(2).tolist())
 
-    scores = model.decision_function(evaluation[["prompt", "chosen", "rejected"]])
+    scores = model.reward_pairs(evaluation[["prompt", "chosen", "rejected"]])  # (n, 2): chosen, rejected
     result = rewardbench_scores(evaluation, scores[:, 0], scores[:, 1])
     print(f"\nRewardBench-style overall: {100 * result['overall']:.1f} ± {100 * result['overall_stderr']:.1f}")
     for section, value in result["sections"].items():

@@ -158,7 +158,7 @@ def main():
 
     t = time.time()
     test_pairs = test[["prompt", "chosen", "rejected"]]
-    p = model.predict(test_pairs)
+    p = model.predict_proba(test_pairs)[:, 1]  # P(chosen > rejected)
     print(f"\nrouting accuracy (held-out prompts): {model.routing_accuracy(test):.3f}")
     print(f"pairwise accuracy (held-out pairs):  {np.mean(p > 0.5):.3f}  (n={len(p)})")
     for task in model.classes_:

@@ -65,6 +65,7 @@ def main():
 
     from rmkit import ArmoRM, BackboneFeaturizer, GatedScalarizer
     from rmkit.metrics import rewardbench_scores
+    from rmkit.model_selection import PromptGroupKFold
 
     pairs, evaluation = load_pairs(args)
     print(f"{len(pairs)} training pairs, {pairs['objective'].nunique()} pairwise objectives, "
@@ -85,7 +86,8 @@ def main():
         "gating__temperature": [0.5, 1.0, 2.0],
         "gating__hidden_size": [32, 128],
     }
-    search = GridSearchCV(model, grid, cv=args.folds, n_jobs=1)  # ArmoRM.score: pairwise accuracy
+    # folds by prompt (an int cv would split pairs of one prompt across folds); ArmoRM.score: pairwise accuracy
+    search = GridSearchCV(model, grid, cv=PromptGroupKFold(args.folds), n_jobs=1)
     start = time.perf_counter()
     search.fit(pairs)
     print(f"\nGridSearchCV: {len(search.cv_results_['params'])} settings x {args.folds} folds "
@@ -99,7 +101,7 @@ def main():
     print(table.sort_values("rank").to_string(index=False))
     print(f"\nbest: {search.best_params_}")
 
-    scores = search.best_estimator_.decision_function(evaluation[["prompt", "chosen", "rejected"]])  # (n, 2)
+    scores = search.best_estimator_.reward_pairs(evaluation[["prompt", "chosen", "rejected"]])  # (n, 2)
     result = rewardbench_scores(evaluation, scores[:, 0], scores[:, 1])
     sections = ", ".join(f"{k} {v:.3f}" for k, v in result["sections"].items())
     if np.isfinite(result["overall"]):

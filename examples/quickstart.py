@@ -26,6 +26,7 @@ import rmkit.testing
 from rmkit import ArmoRM, BackboneFeaturizer, GatedScalarizer
 from rmkit.datasets import load_table, make_preference_pairs
 from rmkit.metrics import pairwise_accuracy
+from rmkit.model_selection import prompt_train_test_split
 
 
 def main(argv=None):
@@ -41,9 +42,9 @@ def main(argv=None):
     backbone = rmkit.testing.tiny_backbone() if args.tiny else args.backbone
 
     pairs = load_table(args.data) if args.data else make_preference_pairs(args.n, random_state=args.seed)
-    rng = np.random.default_rng(args.seed)
-    test = rng.random(len(pairs)) < 0.3
-    train, held_out = pairs[~test].reset_index(drop=True), pairs[test].reset_index(drop=True)
+    # held out by prompt: no held-out prompt (and none of its pairs) is seen in training
+    train, held_out = prompt_train_test_split(pairs, test_size=0.3, random_state=args.seed)
+    train, held_out = train.reset_index(drop=True), held_out.reset_index(drop=True)
     print(f"data: {len(train)} training and {len(held_out)} held-out pairs"
           + (f", objectives from '{args.objective_column}'" if args.objective_column in pairs else ""))
 
@@ -57,8 +58,9 @@ def main(argv=None):
     ).fit(train)
     print(f"fitted in {time.perf_counter() - t0:.0f} s; objectives: {list(model.objective_names_)}")
 
-    p = model.predict(held_out)  # P(chosen > rejected)
-    print(f"held-out pairwise accuracy: {np.mean(p > 0.5):.3f}")
+    print("as a pipeline of public parts:", " -> ".join(model.pipeline_.named_steps))
+    p = model.predict_proba(held_out)[:, 1]  # P(chosen > rejected)
+    print(f"held-out pairwise accuracy: {model.score(held_out):.3f}")
     chosen = model.predict(held_out[["prompt", "chosen"]].rename(columns={"chosen": "response"}))
     rejected = model.predict(held_out[["prompt", "rejected"]].rename(columns={"rejected": "response"}))
     print(f"pointwise scores agree: accuracy {pairwise_accuracy(chosen, rejected):.3f}")
@@ -73,7 +75,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         rmkit.save(model, f"{tmp}/armorm")
         again = rmkit.load(f"{tmp}/armorm")
-        same = np.allclose(again.predict(held_out), p, atol=1e-6)
+        same = np.allclose(again.predict_proba(held_out)[:, 1], p, atol=1e-6)
         print(f"\nsaved with rmkit.save (safetensors + JSON) and loaded back: predictions identical = {same}")
         if not same:
             raise SystemExit("reloaded model predicts differently")

@@ -25,6 +25,7 @@ _EXPORTS = {
     "VerbosityDecorrelator": "_decorrelation",
     "GatedScalarizer": "_gating",
     "MultiObjectiveRegressor": "_multiobjective",
+    "ObjectiveUnion": "_union",
     "PersistenceError": "_persistence",
     "load": "_persistence",
     "register_safe_class": "_persistence",
@@ -66,5 +67,6 @@ if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports (re-exports)
     from ._judge import CapabilityLabeler, JudgeAuthenticationError, OpenAIChatBackend, TransformersChatBackend  # noqa: F401
     from ._lora import LoRAExpertRegressor  # noqa: F401
     from ._multiobjective import MultiObjectiveRegressor  # noqa: F401
+    from ._union import ObjectiveUnion  # noqa: F401
     from ._persistence import PersistenceError, load, register_safe_class, save  # noqa: F401
     from ._router import TaskRouter  # noqa: F401

@@ -124,7 +124,8 @@ def score_frame(model, df, *, batch_size=64, progress=True):
             if kind == "pointwise":
                 cols = _columns(model.predict(chunk), "reward", model)
             else:
-                cols = _columns(model.predict(chunk), "p_chosen", model)
+                proba = getattr(model, "predict_proba", None)  # rmkit models: predict on pairs gives the winner
+                cols = _columns(proba(chunk)[:, 1] if proba else model.predict(chunk), "p_chosen", model)
                 if pointwise_ok:
                     context = chunk[["messages" if "messages" in chunk.columns else "prompt"]]
                     try:

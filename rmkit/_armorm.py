@@ -1,23 +1,25 @@
-"""The end-to-end ArmoRM recipe: text in, interpretable rewards out."""
+"""The ArmoRM recipe: a pipeline of public parts, fitted stage by stage as in the paper."""
 
 from __future__ import annotations
-
-import numbers
 
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, clone
 from sklearn.frozen import FrozenEstimator
-from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import Pipeline
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from ._backbones import load_tokenizer
+from ._base import TextRewardModelMixin
 from ._data import as_frame, read_pairs, read_pointwise, read_texts
 from ._decorrelation import VerbosityDecorrelator
 from ._featurizer import BackboneFeaturizer
 from ._gating import GatedScalarizer
 from ._multiobjective import MultiObjectiveRegressor
+from ._union import ObjectiveUnion
+from .layout import read_layout
+from .model_selection import check_prompt_cv, resolve_groups
 
 __all__ = ["ArmoRM", "response_token_lengths"]
 
@@ -38,80 +40,81 @@ def response_token_lengths(responses, backbone):
     return np.asarray([len(i) for i in ids], dtype=int)
 
 
-class ArmoRM(BaseEstimator):
+class ArmoRM(TextRewardModelMixin, BaseEstimator):
     """ArmoRM (Wang et al. 2024) from text: multi-objective probes, verbosity decorrelation, gating.
 
-    ``fit`` featurizes the training pairs once with ``featurizer`` (cached on
-    disk), obtains stage-1 objective rewards for every response, appends a
-    verbosity objective, fits the :class:`VerbosityDecorrelator` on the
-    training responses and trains the :class:`GatedScalarizer` on the pairs.
+    The fitted model is a scikit-learn ``Pipeline`` of public parts
+    (``pipeline_``)::
 
-    **Two training sets.** Stage 1 and stage 2 learn from different data
-    (absolute ratings vs preference pairs). ``X`` is always the pairs of
-    stage 2; stage 1 comes from one of:
+        featurizer    BackboneFeaturizer           text -> hidden states + prompt feature
+        objectives    ObjectiveUnion               stage 1: one reward per objective
+          rated         FrozenEstimator(MultiObjectiveRegressor)   ridge on absolute ratings
+          pairwise      MultiObjectiveRegressor(cross_fit=cv)      Bradley–Terry probe per source
+        decorrelator  VerbosityDecorrelator        r_i - λ_i · verbosity
+        gate          GatedScalarizer              stage 2: β Σ softmax(MLP(prompt)/τ)_k r'_k
 
-    * ``objectives=FrozenEstimator(fitted_regressor)``: a
-      :class:`MultiObjectiveRegressor` fitted beforehand on
-      ``featurizer.transform(ratings)`` (scikit-learn's pattern for prefit
-      components; ``clone`` keeps it fitted, so this is the form to use in
-      ``cross_val_score`` / ``GridSearchCV``);
-    * ``fit(X, ratings=df)``: a DataFrame of pointwise rows with one numeric
-      column per rated objective (NaN = missing), and/or
-      ``pair_objective_column``: a column of ``X`` naming, per pair, the
+    ``fit`` runs the paper's stages on two training sets. ``X`` is always the
+    preference pairs of stage 2; stage 1 comes from one or both of:
+
+    * rated rows: ``fit(X, ratings=df)`` (pointwise rows with one numeric
+      column per objective, NaN = missing), or a prefit
+      ``objectives=FrozenEstimator(MultiObjectiveRegressor().fit(...))``
+      (scikit-learn's idiom for a part trained on other data; ``clone``
+      keeps it fitted, so it is the form for ``cross_val_score`` and
+      ``GridSearchCV``);
+    * ``pair_objective_column``: a column of ``X`` naming, per pair, the
       source whose Bradley–Terry probe it trains (empty = stage 2 only).
 
-    Pairwise objectives fitted on the training pairs would look better on
-    those pairs than on new data; with ``cv`` the gating is trained on
-    out-of-fold rewards (cross-fitting, folds stratified by source), and the
-    final probes use all pairs.
+    Pairwise probes fitted on the training pairs would look better on those
+    pairs than on new data, so the gate trains on *out-of-fold* rewards
+    (cross-fitting with folds grouped by prompt: no pair's prompt is seen by
+    the probes that score it), and the final probes use all pairs. Every
+    internal split (cross-fitting, the penalty folds of the probes, the
+    gate's early-stopping split) is grouped by prompt.
 
     Parameters
     ----------
     featurizer : BackboneFeaturizer, default=None
         ``None`` uses ``BackboneFeaturizer()`` (the embedded backbone).
     objectives : MultiObjectiveRegressor or FrozenEstimator, default=None
-        Stage-1 estimator (``None``: ``MultiObjectiveRegressor()``).
+        Template of the stage-1 probes, or a prefit rated stage 1.
     rating_columns : list of str, default=None
         Objective columns of ``ratings``; ``None`` takes every numeric column.
     pair_objective_column : str, default=None
     verbosity : str, default="length"
-        ``"length"`` derives the verbosity objective from the standardised
-        log token count of the response; otherwise the name of a stage-1
-        objective that rates verbosity.
+        ``"length"`` derives the verbosity objective from the response's
+        token count; otherwise the name of a stage-1 objective that rates
+        verbosity.
     decorrelator : VerbosityDecorrelator, default=None
-        Its ``threshold``, ``lambdas`` and ``drop_verbosity`` are used; its
-        ``verbosity`` is set by ArmoRM.
+        Its ``threshold``, ``lambdas`` and ``drop_verbosity`` are used.
     gating : GatedScalarizer, default=None
-        Stage-2 hyperparameters (pass an instance to tune ``gating__...`` in
-        ``GridSearchCV``); its ``transform`` is set by ArmoRM.
-    cv : int or None, default=5
-        Folds of the cross-fitting described above; ``None`` trains the
-        gating on in-sample rewards.
+        Stage-2 hyperparameters (tune them as ``gating__...``).
+    cv : int, splitter or None, default=5
+        Cross-fitting folds (an int or a prompt-grouped splitter); ``None``
+        trains the gate on in-sample rewards.
     random_state : int or None, default=None
         Seeds stage 1, the folds and stage 2 where they have no seed of their own.
 
     Attributes
     ----------
-    featurizer_, objectives_, decorrelator_, gating_ : fitted components
+    pipeline_ : sklearn.pipeline.Pipeline
+        The fitted parts; ``featurizer_``, ``objectives_``, ``decorrelator_``
+        and ``gating_`` name its steps.
     objective_names_ : ndarray of str
-        Stage-1 objectives plus the verbosity objective (``"verbosity"``
-        when derived from length).
+        Stage-1 objectives plus the verbosity objective.
     gated_names_ : ndarray of str
-        Objectives after the transform (what the gating weights).
-    length_mean_, length_scale_ : float
-        Standardisation of log token counts (derived verbosity only).
+        Objectives after the transform (what the gate weighs).
 
     Notes
     -----
-    ``predict`` on pointwise rows returns scores; on pairs it returns
-    P(chosen ≻ rejected), so :data:`rmkit.metrics.pairwise_scorer` and the
-    default ``score`` (pairwise accuracy) work in model selection.
-    ``check_estimator`` does not apply: the input is text, not arrays (the
-    array-level components are checked instead).
+    The reward-model contract (:mod:`rmkit._base`): ``predict`` on pointwise
+    rows is the reward; on pairs ``predict`` is 1 when the chosen side wins,
+    ``predict_proba`` P(chosen ≻ rejected), ``decision_function`` the
+    margin and ``score`` pairwise accuracy. ``check_estimator`` does not
+    apply: the input is text (the array-level parts are checked instead).
 
     Examples
     --------
-    >>> import numpy as np
     >>> from rmkit import ArmoRM, BackboneFeaturizer, GatedScalarizer
     >>> from rmkit.datasets import make_preference_pairs
     >>> from rmkit.testing import tiny_backbone
@@ -121,7 +124,9 @@ class ArmoRM(BaseEstimator):
     ...                random_state=0).fit(pairs)
     >>> list(model.objective_names_)
     ['math', 'safety', 'relevance', 'verbosity']
-    >>> p = model.predict(pairs.head(3)); bool(((p >= 0) & (p <= 1)).all())
+    >>> list(model.pipeline_.named_steps)
+    ['featurizer', 'objectives', 'decorrelator', 'gate']
+    >>> p = model.predict_proba(pairs.head(3))[:, 1]; bool(((p >= 0) & (p <= 1)).all())
     True
     """
 
@@ -137,13 +142,7 @@ class ArmoRM(BaseEstimator):
         self.cv = cv
         self.random_state = random_state
 
-    # -- helpers -------------------------------------------------------------------------------
-    def _seed(self, rng):
-        return int(rng.randint(2**31 - 1))
-
-    def _derived_verbosity(self):
-        return self.verbosity == "length"
-
+    # -- data ----------------------------------------------------------------------------------
     def _rating_data(self, ratings):
         df = as_frame(ratings, name="ratings")
         read_pointwise(df, name="ratings")
@@ -158,185 +157,129 @@ class ArmoRM(BaseEstimator):
             raise ValueError("ratings has no numeric rating columns (set rating_columns).")
         return df, df[cols].astype(float)
 
-    def _pair_groups(self, df):
+    def _sources(self, df):
         col = self.pair_objective_column
-        if col is None:
-            return {}
         if col not in df.columns:
             raise ValueError(f"X is missing the column {col!r} named by pair_objective_column.")
-        labels = df[col]
-        groups = {}
-        for name in pd.unique(labels.dropna()):
-            groups[str(name)] = np.flatnonzero((labels == name).to_numpy())
-        if not groups:
+        sources = df[col].astype(object).where(df[col].notna(), None).to_numpy()
+        if all(s is None for s in sources):
             raise ValueError(f"Column {col!r} names no objective (all values are missing).")
-        return groups
+        return sources
 
-    def _fit_stage1(self, feats_pairs, groups, rating_feats, rating_y, rows, seed):
-        """Fit a fresh stage-1 regressor on the ratings and the pair groups restricted to ``rows``."""
-        mor = clone(self.objectives) if self.objectives is not None else MultiObjectiveRegressor()
-        if isinstance(mor, MultiObjectiveRegressor) and mor.random_state is None:
-            mor.set_params(random_state=seed)
-        keep = np.zeros(len(feats_pairs), dtype=bool)
-        keep[rows] = True
-        pair_objs = {name: feats_pairs[idx[keep[idx]]] for name, idx in groups.items()}
-        return mor.fit(rating_feats, rating_y, pair_objectives=pair_objs or None)
-
-    def _stage1_rewards(self, mor, response_feats, lengths):
-        R = np.asarray(mor.predict(response_feats), dtype=float).reshape(len(response_feats), -1)
-        if self._derived_verbosity():
-            v = (np.log1p(lengths) - self.length_mean_) / self.length_scale_
-            R = np.hstack([R, v[:, None]])
-        return R
-
-    def _response_rows(self, F, d, kind):
-        """Pointwise ``[response | prompt]`` rows: one block per response (chosen then rejected for pairs)."""
-        if kind == "pointwise":
-            return [F]
-        prompt = F[:, 2 * d:]
-        return [np.hstack([F[:, :d], prompt]), np.hstack([F[:, d:2 * d], prompt])]
-
-    def _lengths(self, kind, data):
-        texts = data.responses if kind == "pointwise" else data.chosen + data.rejected
-        n = len(data)
-        L = response_token_lengths(texts, self.featurizer_.backbone)
-        return [L] if kind == "pointwise" else [L[:n], L[n:]]
+    def _probe(self, seed, **params):
+        template = self.objectives if isinstance(self.objectives, MultiObjectiveRegressor) else \
+            MultiObjectiveRegressor()
+        probe = clone(template).set_params(**params)
+        if probe.random_state is None:
+            probe.set_params(random_state=seed)
+        return probe
 
     # -- fitting -------------------------------------------------------------------------------
-    def fit(self, X, y=None, *, ratings=None):
-        """Fit all stages.
+    def fit(self, X, y=None, *, ratings=None, sample_weight=None, groups=None):
+        """Fit the stages in order: featurize, stage-1 objectives, decorrelation, gate.
 
         Parameters
         ----------
         X : DataFrame or list of dicts
             Preference pairs (``prompt``/``messages``, ``chosen``, ``rejected``).
-        y : ignored
+        y : array-like of shape (n_pairs,), optional
+            1 where the ``chosen`` column is preferred, 0 where ``rejected``
+            is (default: all 1).
         ratings : DataFrame, optional
-            Pointwise rows with rating columns for stage 1 (see the class docstring).
+            Pointwise rows with rating columns for stage 1.
+        sample_weight : array-like of shape (n_pairs,), optional
+            Per-pair weights (probes and gate).
+        groups : array-like of shape (n_pairs,), optional
+            Prompt groups of the pairs; default: derived from the prompts.
 
         Returns
         -------
         self
         """
         df = as_frame(X)
-        data = read_pairs(df)
+        read_pairs(df)
         rng = check_random_state(self.random_state)
+        seed1, seed2 = (int(rng.randint(2**31 - 1)) for _ in range(2))
         frozen = isinstance(self.objectives, FrozenEstimator)
-        if frozen and (ratings is not None or self.pair_objective_column is not None):
-            raise ValueError("objectives is a FrozenEstimator (prefit stage 1): do not also pass ratings= or "
-                             "pair_objective_column.")
+        if frozen and ratings is not None:
+            raise ValueError("objectives is a FrozenEstimator (a prefit rated stage 1): do not also pass ratings=.")
         if not frozen and ratings is None and self.pair_objective_column is None:
             raise ValueError("Stage 1 has no data: pass ratings= to fit, set pair_objective_column, or give a "
                              "prefit objectives=FrozenEstimator(MultiObjectiveRegressor(...).fit(...)).")
-        if self.cv is not None and (not isinstance(self.cv, numbers.Integral) or self.cv < 2):
-            raise ValueError(f"cv must be None or an integer >= 2, got {self.cv!r}.")
-        feat = clone(self.featurizer) if self.featurizer is not None else BackboneFeaturizer()
-        self.featurizer_ = feat.fit(df)
-        d = feat.hidden_size_
-        F = feat.transform(df)
-        if ratings is not None:
-            rdf, rating_y = self._rating_data(ratings)
-            rating_feats = feat.transform(rdf)
-        else:
-            rating_feats, rating_y = None, None
-        groups = self._pair_groups(df)
-        seed1 = self._seed(rng)
-        n = len(df)
+        if self.cv is not None:
+            check_prompt_cv(self.cv)  # refuses ungrouped splitters before any work
+        cross_fit = self.cv
+        groups = resolve_groups(df, groups)
+
+        featurizer = clone(self.featurizer) if self.featurizer is not None else BackboneFeaturizer()
+        F = featurizer.fit(df).transform(df)
+
+        members = []
         if frozen:
             check_is_fitted(self.objectives)
-            mor = self.objectives
-        else:
-            mor = self._fit_stage1(F, groups, rating_feats, rating_y, np.arange(n), seed1)
-        names = [str(s) for s in np.atleast_1d(mor.objective_names_)]
-        if len(names) < 2:
-            raise ValueError(f"ArmoRM needs at least two stage-1 objectives to gate between; got {len(names)} "
-                             f"({names}).")
-        lengths = self._lengths("pairs", data)
-        if self._derived_verbosity():
-            if "verbosity" in names:
-                raise ValueError("A stage-1 objective is already named 'verbosity'; pass verbosity='verbosity' "
-                                 "to use it instead of the length-derived one.")
-            ll = np.log1p(np.concatenate(lengths))
-            self.length_mean_, self.length_scale_ = float(ll.mean()), float(ll.std() or 1.0)
-            names = names + ["verbosity"]
-            v_index = len(names) - 1
-        else:
-            if self.verbosity not in names:
-                raise ValueError(f"verbosity={self.verbosity!r} is neither 'length' nor a stage-1 objective "
-                                 f"({names}).")
-            v_index = names.index(self.verbosity)
-        self.objectives_ = mor
-        rows_c, rows_r = self._response_rows(F, d, "pairs")
-        if self.cv is not None and groups and not frozen:
-            # out-of-fold stage-1 rewards for the pairs the probes were trained on
-            Rc, Rr = np.empty((n, len(names))), np.empty((n, len(names)))
-            source = np.full(n, -1)
-            for j, idx in enumerate(groups.values()):
-                source[idx] = j
-            folds = StratifiedKFold(self.cv, shuffle=True, random_state=self._seed(rng))
-            for train, test in folds.split(np.zeros(n), source):
-                part = self._fit_stage1(F, groups, rating_feats, rating_y, train, seed1)
-                Rc[test] = self._stage1_rewards(part, rows_c[test], lengths[0][test])
-                Rr[test] = self._stage1_rewards(part, rows_r[test], lengths[1][test])
-        else:
-            Rc = self._stage1_rewards(mor, rows_c, lengths[0])
-            Rr = self._stage1_rewards(mor, rows_r, lengths[1])
-        dec = clone(self.decorrelator) if self.decorrelator is not None else VerbosityDecorrelator()
-        self.decorrelator_ = dec.set_params(verbosity=v_index).fit(np.vstack([Rc, Rr]))
-        T = self.decorrelator_.transform_matrix_
-        gating = clone(self.gating) if self.gating is not None else GatedScalarizer()
-        gating.set_params(transform=T, n_objectives=len(names))
-        seed2 = self._seed(rng)
-        if gating.random_state is None:
-            gating.set_params(random_state=seed2)
-        self.gating_ = gating.fit(np.hstack([Rc, Rr, F[:, 2 * d:]]).astype(np.float32))
-        self.objective_names_ = np.asarray(names, dtype=object)
-        kept = [nm for i, nm in enumerate(names) if not (dec.drop_verbosity and i == v_index)]
-        self.gated_names_ = np.asarray(kept, dtype=object)
+            members.append(("rated", self.objectives))
+        elif ratings is not None:
+            rdf, rating_y = self._rating_data(ratings)
+            rated = self._probe(seed1, cross_fit=None).fit(featurizer.transform(rdf), rating_y)
+            members.append(("rated", FrozenEstimator(rated)))
+        pair_params = {}
+        if self.pair_objective_column is not None:
+            members.append(("pairwise", self._probe(seed1, cross_fit=cross_fit)))
+            pair_params = dict(pairwise__sources=self._sources(df), pairwise__groups=groups,
+                               pairwise__sample_weight=sample_weight)
+        objectives = ObjectiveUnion(members)
+        R = objectives.fit_transform(F, y, **pair_params)
+        names = read_layout(R, step="ArmoRM").names(read_layout(R, step="ArmoRM").sides[0], "r")
+        if len(names) < 2 and self.verbosity != "length":
+            raise ValueError(f"ArmoRM needs at least two objectives to gate between; got {names}.")
+
+        decorrelator = clone(self.decorrelator) if self.decorrelator is not None else VerbosityDecorrelator()
+        decorrelator.set_params(verbosity=self.verbosity)
+        Rt = decorrelator.fit(R).transform(R)
+        if len(decorrelator.output_names_) < 2:
+            raise ValueError(f"ArmoRM needs at least two objectives to gate between; got "
+                             f"{list(decorrelator.output_names_)}.")
+
+        gate = clone(self.gating) if self.gating is not None else GatedScalarizer()
+        if gate.random_state is None:
+            gate.set_params(random_state=seed2)
+        gate.fit(Rt, y, sample_weight=sample_weight, groups=groups)
+
+        self.pipeline_ = Pipeline([("featurizer", featurizer), ("objectives", objectives),
+                                   ("decorrelator", decorrelator), ("gate", gate)])
+        self.objective_names_ = np.asarray(decorrelator.objective_names_, dtype=object)
+        self.gated_names_ = np.asarray(decorrelator.output_names_, dtype=object)
         return self
 
+    # -- the fitted parts ----------------------------------------------------------------------
+    def _step(self, name):
+        check_is_fitted(self, "pipeline_")
+        return self.pipeline_.named_steps[name]
+
+    featurizer_ = property(lambda self: self._step("featurizer"), doc="The fitted BackboneFeaturizer.")
+    objectives_ = property(lambda self: self._step("objectives"), doc="The fitted stage-1 ObjectiveUnion.")
+    decorrelator_ = property(lambda self: self._step("decorrelator"), doc="The fitted VerbosityDecorrelator.")
+    gating_ = property(lambda self: self._step("gate"), doc="The fitted GatedScalarizer.")
+
     # -- inference -----------------------------------------------------------------------------
-    def _inputs(self, X):
-        """Per-response gating inputs ``[r | prompt]`` (a list: one entry, or chosen and rejected)."""
-        check_is_fitted(self, "gating_")
+    def _objective_frame(self, X):
+        check_is_fitted(self, "pipeline_")
         df = as_frame(X)
-        kind, data = read_texts(df)
-        F = self.featurizer_.transform(df)
-        d = self.featurizer_.hidden_size_
-        rows = self._response_rows(F, d, kind)
-        lengths = self._lengths(kind, data) if self._derived_verbosity() else [None] * len(rows)
-        prompt = F[:, -d:]
-        out = [np.hstack([self._stage1_rewards(self.objectives_, r, L), prompt]).astype(np.float32)
-               for r, L in zip(rows, lengths)]
-        return kind, out
+        read_texts(df)
+        return self.pipeline_[:2].transform(df)
+
+    def _scores(self, X):
+        R = self._objective_frame(X)
+        return self.gating_._scores(self.decorrelator_.transform(R))
 
     def objective_rewards(self, X):
-        """Stage-1 rewards (plus verbosity) of pointwise rows as a DataFrame, one column per objective."""
-        kind, inputs = self._inputs(X)
-        if kind != "pointwise":
+        """Stage-1 rewards (plus verbosity) of pointwise rows: a DataFrame, one column per objective."""
+        R = self._objective_frame(X)
+        lay = read_layout(R, step="ArmoRM.objective_rewards")
+        if lay.kind != "pointwise":
             raise ValueError("objective_rewards takes pointwise rows ('prompt' + 'response').")
-        k = len(self.objective_names_)
-        return pd.DataFrame(inputs[0][:, :k].astype(float), columns=list(self.objective_names_))
-
-    def decision_function(self, X):
-        """Scores: ``(n,)`` for pointwise rows, ``(n, 2)`` ``[chosen, rejected]`` for pairs."""
-        kind, inputs = self._inputs(X)
-        scores = [self.gating_.decision_function(x) for x in inputs]
-        return scores[0] if kind == "pointwise" else np.column_stack(scores)
-
-    def predict(self, X):
-        """Pointwise rows → reward per row; pairs → P(chosen ≻ rejected)."""
-        s = self.decision_function(X)
-        if s.ndim == 1:
-            return s
-        return 1.0 / (1.0 + np.exp(-(s[:, 0] - s[:, 1])))
-
-    def score(self, X, y=None, sample_weight=None):
-        """Pairwise accuracy: share of pairs with P(chosen ≻ rejected) > 0.5."""
-        p = self.predict(X)
-        if len(p) and read_texts(as_frame(X))[0] != "pairs":
-            raise ValueError("score needs preference pairs ('prompt', 'chosen', 'rejected').")
-        return float(np.average(p > 0.5, weights=sample_weight))
+        names, (raw,) = self.decorrelator_._frame_rewards(R, lay, fitting=False)
+        return pd.DataFrame(raw, columns=names)
 
     def explain(self, X, *, as_frame=True):
         """Per-objective rewards, gating weights, coefficients and scores.
@@ -345,22 +288,39 @@ class ArmoRM(BaseEstimator):
         ----------
         X : pointwise rows or preference pairs
         as_frame : bool, default=True
-            ``True``: a tidy DataFrame (``row, side, objective, reward,
-            gating_weight, coefficient, contribution, score``; ``side`` is
-            ``"response"`` or ``"chosen"``/``"rejected"``), where
-            ``contribution = reward * coefficient`` sums to ``score`` per
-            response. ``False``: the arrays of
-            :meth:`GatedScalarizer.explain` (a dict per side for pairs).
+            ``True``: a tidy DataFrame with columns ``row, side, objective,
+            reward, gating_weight, coefficient, contribution, score``.
+            ``reward`` is the stage-1 reward (before decorrelation),
+            ``gating_weight`` the gate's weight on the objective after
+            decorrelation (NaN for an objective the gate does not see),
+            ``coefficient`` the weight on ``reward`` in the final score
+            (``β · T g``: the gate's weights mapped back through the
+            decorrelation), and ``contribution = reward * coefficient``, which
+            sums to ``score`` per response. ``False``: a dict of arrays per
+            side with the same quantities.
         """
-        kind, inputs = self._inputs(X)
-        sides = ["response"] if kind == "pointwise" else ["chosen", "rejected"]
+        R = self._objective_frame(X)
+        lay = read_layout(R, step="ArmoRM.explain")
+        dec, gate = self.decorrelator_, self.gating_
+        names, raw = dec._frame_rewards(R, lay, fitting=False)
+        gated = gate.explain(dec.transform(R))
+        gated = {"response": gated} if lay.kind == "pointwise" else gated
+        T = dec.transform_matrix_
+        kept = list(dec.output_names_)
+        arrays, frames = {}, []
+        for side, r in zip(lay.sides, raw):
+            g = gated[side]
+            coef = g["coefficients"] @ T.T
+            weights = np.full_like(r, np.nan)
+            for j, name in enumerate(kept):
+                weights[:, names.index(name)] = g["gating_weights"][:, j]
+            arrays[side] = {"rewards": r, "gating_weights": weights, "coefficients": coef, "score": g["score"]}
+            n, k = r.shape
+            frames.append(pd.DataFrame({
+                "row": np.repeat(np.arange(n), k), "side": side, "objective": np.tile(np.asarray(names, object), n),
+                "reward": r.reshape(-1), "gating_weight": weights.reshape(-1), "coefficient": coef.reshape(-1),
+                "contribution": (r * coef).reshape(-1), "score": np.repeat(g["score"], k)}))
         if not as_frame:
-            arrays = {s: self.gating_.explain(x) for s, x in zip(sides, inputs)}
-            return arrays["response"] if kind == "pointwise" else arrays
-        frames = []
-        for s, x in zip(sides, inputs):
-            f = self.gating_.explain_frame(x, list(self.objective_names_), list(self.gated_names_))
-            f.insert(1, "side", s)
-            frames.append(f)
+            return arrays["response"] if lay.kind == "pointwise" else arrays
         out = pd.concat(frames, ignore_index=True).sort_values(["row", "side"], kind="stable")
         return out.reset_index(drop=True)

@@ -11,7 +11,7 @@
   3. :class:`CapabilityAggregator`: an MLP (Linear → PReLU → Linear) over the
      experts' concatenated last-token hidden states, trained with the
      Bradley–Terry loss on the overall preferences while the experts stay
-     frozen. Phases 2 and 3 use disjoint shares of the pairs (the paper: 60/40).
+     frozen. Phases 2 and 3 use disjoint shares of the prompts (the paper: 60/40 of the pairs).
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from skorch import NeuralNet
 from sklearn.base import BaseEstimator, clone
-from sklearn.utils.validation import check_array, check_is_fitted
+from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from ._backbones import cache_dir, resolve_backbone, weights_fingerprint
@@ -39,7 +38,8 @@ from ._featurizer import BackboneFeaturizer
 from ._lora import LoRAExpertRegressor
 from ._router import TaskRouter
 from ._base import TextRewardModelMixin
-from ._skorch import BradleyTerryLoss, ValidationMixin, seed_torch
+from ._skorch import PairwiseNetEstimator, torch_seed
+from .model_selection import PromptGroupShuffleSplit, prompt_groups
 
 __all__ = ["AggregatorModule", "CapabilityAggregator", "CapabilityMoE", "DMoERM"]
 
@@ -47,9 +47,8 @@ __all__ = ["AggregatorModule", "CapabilityAggregator", "CapabilityMoE", "DMoERM"
 class AggregatorModule(nn.Module):
     """``score = Linear(PReLU(Linear((h - mean) / scale)))`` for one response's features ``h``.
 
-    Rows of width ``n_features`` are single responses (output ``(n, 1)``);
-    rows of width ``2 · n_features`` are pairs ``[h_chosen | h_rejected]``
-    (output ``(n, 2)``, as :class:`~rmkit._skorch.BradleyTerryLoss` expects).
+    Input ``(n, n_features)`` (output ``(n,)``) or pairs ``(n, 2, n_features)``
+    (output ``(n, 2)``).
     """
 
     def __init__(self, n_features, hidden_size=256, mean=None, scale=None):
@@ -60,131 +59,97 @@ class AggregatorModule(nn.Module):
         self.register_buffer("scale", torch.ones(m) if scale is None else torch.as_tensor(scale, dtype=torch.float32))
         self.mlp = nn.Sequential(nn.Linear(m, int(hidden_size)), nn.PReLU(), nn.Linear(int(hidden_size), 1))
 
-    def score(self, h):
-        return self.mlp((h - self.mean) / self.scale)[:, 0]
-
-    def forward(self, X):
-        m = self.n_features
-        if X.shape[1] == 2 * m:
-            return torch.stack([self.score(X[:, :m]), self.score(X[:, m:])], dim=1)
-        return self.score(X)[:, None]
+    def forward(self, x):
+        return self.mlp((x - self.mean) / self.scale)[..., 0]
 
 
-class CapabilityAggregator(ValidationMixin, NeuralNet):
-    """DMoERM's aggregator: an MLP over concatenated expert features, trained Bradley–Terry.
+class CapabilityAggregator(PairwiseNetEstimator):
+    """DMoERM's aggregator: an MLP over the capability experts' hidden states, trained Bradley–Terry.
 
-    Array-level: each response is represented by ``n_features`` numbers (the
-    capability experts' hidden states, concatenated). ``fit`` takes pairs
-    ``[h_chosen | h_rejected]`` (``2 · n_features`` wide); ``predict``
-    returns P(chosen ≻ rejected) for pairs and the reward for single
-    responses (told apart by their width). Inputs are standardised with
-    statistics learned in ``fit``.
+    It reads the hidden-state blocks ``{side}:h:*`` of a feature frame (the
+    output of :class:`~rmkit.CapabilityExperts`: the experts' last-token
+    hidden states, concatenated) and gives one reward per response. Inputs
+    are standardised with statistics learned in ``fit``; early stopping
+    holds out a share of the prompts.
 
     Parameters
     ----------
     hidden_size : int, default=256
         Width of the hidden layer (Linear → PReLU → Linear).
     lr : float, default=1e-3
-        AdamW learning rate (weight decay: ``optimizer__weight_decay``).
+        AdamW learning rate.
+    weight_decay : float, default=0.01
     max_epochs : int, default=50
     batch_size : int, default=64
     validation_fraction : float or None, default=0.1
-        Share of the pairs held out for early stopping (best weights are
+        Share of the prompts held out for early stopping (best weights are
         restored); ``None`` trains on all pairs for ``max_epochs``.
     patience : int, default=5
-    random_state : int or None, default=None
-        Seeds torch (initialisation, shuffling) and the validation split.
+    random_state : int, RandomState or None, default=None
     device : str, default="cpu"
     verbose : int, default=0
-    **kwargs
-        Further skorch parameters (``module__...``, ``optimizer__...``,
-        ``callbacks=[...]``).
 
     Attributes
     ----------
-    n_features_in_ : int
-        Features per response.
-    module_ : AggregatorModule
-    history_ : skorch History
+    n_features_ : int
+        Hidden-state features per response.
+    mean_, scale_ : ndarray
+    net_ : skorch.NeuralNet
 
     Notes
     -----
-    ``check_estimator`` does not apply: training needs preference pairs in
-    a fixed layout and takes no target ``y``.
+    The reward-model contract of :mod:`rmkit._base` (a reward per response;
+    margin, preference and accuracy per pair). ``check_estimator`` does not
+    apply: training needs a feature frame of preference pairs.
 
     Examples
     --------
     >>> import numpy as np
+    >>> from rmkit.layout import make_frame
     >>> rng = np.random.RandomState(0)
     >>> hc, hr = rng.normal(size=(200, 4)), rng.normal(size=(200, 4))
-    >>> better = hc[:, 0] > hr[:, 0]  # the first feature decides
-    >>> X = np.where(better[:, None], np.hstack([hc, hr]), np.hstack([hr, hc]))
+    >>> better = (hc[:, 0] > hr[:, 0])[:, None]  # the first feature decides
+    >>> pairs = make_frame({("chosen", "h", range(4)): np.where(better, hc, hr),
+    ...                     ("rejected", "h", range(4)): np.where(better, hr, hc)})
     >>> agg = CapabilityAggregator(hidden_size=8, lr=0.02, max_epochs=15, validation_fraction=None, random_state=0)
-    >>> pairwise_accuracy = (agg.fit(X).predict(X) > 0.5).mean()
-    >>> bool(pairwise_accuracy > 0.9)
+    >>> bool(agg.fit(pairs).score(pairs) > 0.9)
     True
-    >>> agg.predict(hc).shape  # one reward per response
+    >>> agg.predict(make_frame({("response", "h", range(4)): hc})).shape  # one reward per response
     (200,)
     """
 
-    def __init__(self, module=AggregatorModule, *, hidden_size=256, criterion=BradleyTerryLoss,
-                 optimizer=torch.optim.AdamW, lr=1e-3, max_epochs=50, batch_size=64, validation_fraction=0.1,
-                 patience=5, random_state=None, device="cpu", verbose=0, **kwargs):
-        kwargs.setdefault("iterator_train__shuffle", True)
-        kwargs.setdefault("train_split", None)  # the split is validation_fraction's (get_split_datasets)
-        super().__init__(module, criterion, optimizer=optimizer, lr=lr, max_epochs=max_epochs,
-                         batch_size=batch_size, device=device, verbose=verbose, **kwargs)
+    def __init__(self, *, hidden_size=256, lr=1e-3, weight_decay=0.01, max_epochs=50, batch_size=64,
+                 validation_fraction=0.1, patience=5, random_state=None, device="cpu", verbose=0):
         self.hidden_size = hidden_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.max_epochs = max_epochs
+        self.batch_size = batch_size
         self.validation_fraction = validation_fraction
         self.patience = patience
         self.random_state = random_state
+        self.device = device
+        self.verbose = verbose
 
-    def initialize_module(self):
-        kwargs = {**dict(n_features=self.n_features_in_, hidden_size=self.hidden_size, mean=self.mean_,
-                         scale=self.scale_), **self.get_params_for("module")}
-        self.module_ = self.module(**kwargs)
-        return self
+    def _needs(self):
+        return [("side", "h")]
 
-
-    def fit(self, X, y=None, **fit_params):
-        """Train on pairs ``[h_chosen | h_rejected]``; ``y`` is ignored (chosen comes first)."""
-        if self.validation_fraction is not None and not 0 < self.validation_fraction < 1:
-            raise ValueError(f"validation_fraction must be None or in (0, 1), got {self.validation_fraction!r}.")
-        X = check_array(X, dtype=np.float32, input_name="X", ensure_min_samples=2)
-        if X.shape[1] % 2:
-            raise ValueError(f"Pairs must be [h_chosen | h_rejected], an even number of columns; got {X.shape[1]}.")
-        m = X.shape[1] // 2
-        if np.array_equal(X[:, :m], X[:, m:]):
-            raise ValueError("Every pair has identical chosen and rejected features: there is no preference to learn.")
-        both = np.vstack([X[:, :m], X[:, m:]])
-        self.n_features_in_ = m
+    def _learn_input_stats(self, lay, X):
+        both = np.vstack([lay.block(X, s, "h") for s in lay.sides])
+        self.feature_names_ = np.asarray(lay.names(lay.sides[0], "h"), dtype=object)
+        self.n_features_ = both.shape[1]
         self.mean_ = both.mean(axis=0)
         scale = both.std(axis=0)
         self.scale_ = np.where(scale > 1e-6, scale, 1.0).astype(np.float32)
-        seed_torch(self.random_state)
-        return super().fit(X, None, **fit_params)
 
-    def _rows(self, X):
-        X = check_array(X, dtype=np.float32, input_name="X")
-        m = self.n_features_in_
-        if X.shape[1] not in (m, 2 * m):
-            raise ValueError(f"X has {X.shape[1]} columns; expected {m} (one response) or {2 * m} (pairs "
-                             "[h_chosen | h_rejected]).")
-        return X, ("pairs" if X.shape[1] == 2 * m else "pointwise")
+    def _inputs(self, lay, X, side):
+        if hasattr(self, "feature_names_") and lay.names(side, "h") != list(self.feature_names_):
+            raise ValueError(f"CapabilityAggregator was fitted on {len(self.feature_names_)} hidden-state features "
+                             f"per response; X has {len(lay.names(side, 'h'))} (other experts?).")
+        return lay.block(X, side, "h")
 
-    def decision_function(self, X):
-        """Rewards: ``(n,)`` for single responses, ``(n, 2)`` ``[chosen, rejected]`` for pairs."""
-        check_is_fitted(self, "module_")
-        X, kind = self._rows(X)
-        out = self.forward(X, training=False).detach().cpu().numpy().astype(np.float64)
-        return out if kind == "pairs" else out[:, 0]
-
-    def predict(self, X):
-        """P(chosen ≻ rejected) for pairs; the reward for single responses."""
-        out = self.decision_function(X)
-        if out.ndim == 2:
-            return 1.0 / (1.0 + np.exp(-(out[:, 0] - out[:, 1])))
-        return out
+    def _module(self, width):
+        return AggregatorModule(self.n_features_, hidden_size=self.hidden_size, mean=self.mean_, scale=self.scale_)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,9 +240,9 @@ class CapabilityMoE(TextRewardModelMixin, BaseEstimator):
        hidden states, trained on the overall preferences with the experts
        frozen.
 
-    Phases 1–2 use a seeded ``expert_fraction`` of the pairs and phase 3 the
-    rest (the paper: 60/40), so the aggregator learns from pairs the experts
-    never saw.
+    Phases 1–2 use a seeded ``expert_fraction`` of the *prompts* and phase 3
+    the rest (the paper: 60/40 of the pairs), so the aggregator learns from
+    pairs whose prompts the experts never saw.
 
     Capability labels, per capability ``c``, are read from (first match):
 
@@ -434,16 +399,21 @@ class CapabilityMoE(TextRewardModelMixin, BaseEstimator):
         return labels.drop(columns=empty)
 
     # -- fit -------------------------------------------------------------------------------------
-    def _split(self, n):
+    def _split(self, df):
+        """The phase split by prompt: no prompt of the aggregator's pairs was seen by the experts."""
         f = self.expert_fraction
         if not (isinstance(f, numbers.Real) and 0 < f < 1):
             raise ValueError(f"expert_fraction must lie in (0, 1), got {f!r}.")
-        n_exp = int(round(f * n))
-        if n_exp < 1 or n - n_exp < 2:
-            raise ValueError(f"{n} pairs are too few to split {f:.0%}/{1 - f:.0%} between the experts and the "
-                             "aggregator (the aggregator needs at least 2).")
-        order = np.random.RandomState(self.random_state).permutation(n)
-        return np.sort(order[:n_exp]), np.sort(order[n_exp:])
+        groups = prompt_groups(df)
+        n_groups = len(np.unique(groups))
+        if n_groups < 2 or int(round(f * n_groups)) < 1 or n_groups - int(round(f * n_groups)) < 1:
+            raise ValueError(f"{len(df)} pairs from {n_groups} prompt(s) are too few to split {f:.0%}/{1 - f:.0%} "
+                             "by prompt between the experts and the aggregator.")
+        split = PromptGroupShuffleSplit(test_size=1 - f, random_state=torch_seed(self.random_state))
+        expert_rows, agg_rows = next(split.split(df, groups=groups))
+        if len(agg_rows) < 2:
+            raise ValueError(f"The aggregator's share of {len(df)} pairs holds {len(agg_rows)} pair(s); it needs 2.")
+        return np.sort(expert_rows), np.sort(agg_rows)
 
     def _task_model(self):
         if self.task_finetune is False or self.task_finetune is None:
@@ -465,7 +435,7 @@ class CapabilityMoE(TextRewardModelMixin, BaseEstimator):
             raise ValueError("CapabilityMoE trains on preference pairs: X needs 'chosen' and 'rejected' columns.")
         read_pairs(df)
         _capability_list(self.capabilities)  # fails early on an empty or malformed list
-        expert_rows, agg_rows = self._split(len(df))
+        expert_rows, agg_rows = self._split(df)
         labels = self._labels(df, expert_rows)
         text_cols = [c for c in ("prompt", "messages", "chosen", "rejected") if c in df.columns]
         exp_pairs = df.iloc[expert_rows][text_cols].reset_index(drop=True)
@@ -491,10 +461,9 @@ class CapabilityMoE(TextRewardModelMixin, BaseEstimator):
         return self
 
     # -- inference -------------------------------------------------------------------------------
-    def predict(self, X):
-        """Rewards ``(n,)`` for pointwise rows; P(chosen ≻ rejected) ``(n,)`` for pairs."""
+    def _scores(self, X):
         check_is_fitted(self, "aggregator_")
-        return self.aggregator_.predict(self.experts_.transform(X))
+        return self.aggregator_._scores(self.experts_.transform(X))
 
     def explain(self, X):
         """Per pointwise row: the final ``reward`` and each capability expert's own reward."""
@@ -620,13 +589,17 @@ class DMoERM(TextRewardModelMixin, BaseEstimator):
         check_is_fitted(self, "router_model_")
         return self.router_model_.estimators_
 
-    def predict(self, X, tasks=None):
-        """Rewards for pointwise rows, P(chosen ≻ rejected) for pairs, each from its routed task's model.
-
-        ``tasks`` overrides the router (labels must have been seen in fit).
-        """
+    def _scores(self, X, tasks=None):
         check_is_fitted(self, "router_model_")
-        return self.router_model_.predict(X, tasks=tasks)
+        df = as_frame(X)
+        kind = infer_kind(df)
+        method = "reward_pairs" if kind == "pairs" else "decision_function"
+        return kind, self.router_model_.dispatch(method, df, tasks)
+
+    def predict_for_tasks(self, X, tasks):
+        """Like ``predict``, with each row's task given instead of routed (labels seen in fit)."""
+        kind, s = self._scores(X, tasks)
+        return s if kind == "pointwise" else (s[:, 0] > s[:, 1]).astype(int)
 
     def predict_route(self, X):
         """The task each row is routed to."""
@@ -650,7 +623,7 @@ class DMoERM(TextRewardModelMixin, BaseEstimator):
         df = as_frame(X)
         proba = self.router_model_.predict_route_proba(df)
         routes = self.router_model_.classes_[proba.argmax(axis=1)]
-        parts = self.router_model_._dispatch("explain", df, tasks=routes)
+        parts = self.router_model_.dispatch("explain", df, tasks=routes)
         parts.insert(0, "task_probability", proba.max(axis=1))
         parts.insert(0, "task", routes)
         return parts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy.special import expit
 from sklearn.base import TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
@@ -11,7 +12,9 @@ from torch import nn
 from ._backbones import EMBEDDED_BACKBONE
 from ._data import read_pairs, read_pointwise, read_texts
 from ._lora import _LoRABase
-from ._skorch import BradleyTerryLoss
+from ._skorch import BradleyTerryLoss, torch_seed
+from .layout import column, make_frame, sides_of
+from .model_selection._groups import group_ids_of_conversations
 
 __all__ = ["CapabilityExperts"]
 
@@ -94,6 +97,11 @@ class CapabilityExperts(TransformerMixin, _LoRABase):
     max_length, random_state, device, dtype, verbose
         As in :class:`LoRAExpertRegressor`; expert ``k`` is seeded with
         ``random_state + k``.
+    output : {"hidden", "rewards"}, default="hidden"
+        What ``transform`` emits: the experts' last-token hidden states (the
+        input of DMoERM's aggregator) or one reward per capability (an
+        objective provider: a gate or an :class:`~rmkit.ObjectiveUnion` can
+        weigh the capabilities beside linear probes).
 
     Attributes
     ----------
@@ -111,12 +119,11 @@ class CapabilityExperts(TransformerMixin, _LoRABase):
     Notes
     -----
     ``predict`` returns ``(n, K)``: rewards for pointwise rows,
-    P(chosen ≻ rejected) per expert for pairs. ``transform`` returns the
-    experts' last-token hidden states (the input of DMoERM's aggregator):
-    ``[e_1 | ... | e_K]``, ``(n, K * hidden)``, for pointwise rows and
-    ``[chosen e_1..e_K | rejected e_1..e_K]``, ``(n, 2 * K * hidden)``, for
-    pairs; ``Z.reshape(n, K, hidden)`` (pointwise) or
-    ``Z.reshape(n, 2, K, hidden)`` (pairs) separates the experts.
+    P(chosen ≻ rejected) per expert for pairs. ``transform`` returns a
+    feature frame (:mod:`rmkit.layout`) that keeps the pair structure: with
+    ``output="hidden"`` the blocks ``{side}:h:{expert}.{i}`` (``K * hidden``
+    wide per side), with ``output="rewards"`` the objectives
+    ``{side}:r:{expert}``; both carry ``prompt:m:group``.
 
     Saving pickles only the adapters and heads (on CPU) plus the backbone's
     name and fingerprint, like :class:`LoRAExpertRegressor`.
@@ -133,15 +140,18 @@ class CapabilityExperts(TransformerMixin, _LoRABase):
     >>> experts.fit(pairs, labels).expert_names_
     ['correctness', 'politeness']
     >>> experts.predict(pairs).shape, experts.transform(pairs).shape
-    ((2, 2), (2, 256))
+    ((2, 2), (2, 257))
+    >>> list(experts.set_params(output="rewards").transform(pairs).columns)
+    ['chosen:r:correctness', 'chosen:r:politeness', 'rejected:r:correctness', 'rejected:r:politeness', 'prompt:m:group']
     """
 
     def __init__(self, backbone=EMBEDDED_BACKBONE, *, experts=None, rank=8, alpha=16, dropout=0.05,
                  target_modules=None, layers=0.25, shared_trunk="auto", lr=1e-4, weight_decay=0.0, max_epochs=3,
                  batch_size=8, accumulation_steps=1, validation_fraction=0.0, patience=3, max_length=1024,
-                 random_state=None, device="auto", dtype="float32", verbose=1):
+                 random_state=None, device="auto", dtype="float32", verbose=1, output="hidden"):
         self.backbone = backbone
         self.experts = experts
+        self.output = output
         self.rank = rank
         self.alpha = alpha
         self.dropout = dropout
@@ -210,7 +220,8 @@ class CapabilityExperts(TransformerMixin, _LoRABase):
         inputs = self._training_inputs(module, self._encode(data.conversations, responses))  # trunk: once per text
         self.histories_, self.n_labels_ = {}, {}
         self.y_mean_, self.y_scale_ = np.zeros(len(names)), np.ones(len(names))
-        base_seed = self.random_state
+        base_seed = torch_seed(self.random_state)
+        groups = group_ids_of_conversations(data.conversations)
         for k, (name, adapter) in enumerate(zip(names, adapters)):
             col = labels[:, k]
             rows = np.flatnonzero(~np.isnan(col))
@@ -218,12 +229,12 @@ class CapabilityExperts(TransformerMixin, _LoRABase):
             if kind == "pairs":
                 items = [(inputs[i], inputs[n + i]) if col[i] > 0 else (inputs[n + i], inputs[i]) for i in rows]
                 history = self._train_adapter(module, adapter, items, np.zeros(len(rows)), BradleyTerryLoss,
-                                              {"use_margin": False}, seed)
+                                              {"use_margin": False}, seed, groups[rows])
             else:
                 self.y_mean_[k], self.y_scale_[k] = np.mean(col[rows]), np.std(col[rows])
                 target = (col[rows] - self.y_mean_[k]) / self.y_scale_[k]
                 history = self._train_adapter(module, adapter, [inputs[i] for i in rows], target, nn.MSELoss, {},
-                                              seed)
+                                              seed, groups[rows])
             self.histories_[name] = history
             self.n_labels_[name] = int(len(rows))
         self.input_kind_ = kind
@@ -236,24 +247,42 @@ class CapabilityExperts(TransformerMixin, _LoRABase):
         seqs = self._encode(data.conversations, responses)
         scores, hidden = self._score(seqs, self._adapter_names(), want_hidden=want_hidden)
         scores = scores.T * self.y_scale_ + self.y_mean_  # (n_texts, K)
-        return kind, len(data), scores, hidden
+        return kind, data, scores, hidden
 
     def predict(self, X):
         """Per-expert rewards ``(n, K)`` for pointwise rows; per-expert P(chosen ≻ rejected) for pairs."""
-        kind, n, scores, _ = self._run(X, want_hidden=False)
+        kind, data, scores, _ = self._run(X, want_hidden=False)
+        n = len(data)
         if kind == "pairs":
-            return 1.0 / (1.0 + np.exp(-(scores[:n] - scores[n:])))
+            return expit(scores[:n] - scores[n:])
         return scores
 
     def transform(self, X):
-        """Experts' last-token hidden states: ``(n, K * hidden)``; pairs ``(n, 2 * K * hidden)``."""
-        kind, n, _, hidden = self._run(X, want_hidden=True)
-        flat = hidden.transpose(1, 0, 2).reshape(hidden.shape[1], -1)  # (n_texts, K * hidden)
-        return np.hstack([flat[:n], flat[n:]]) if kind == "pairs" else flat
+        """A feature frame: per response side, the experts' rewards (``output="rewards"``:
+        ``{side}:r:{expert}``) or their last-token hidden states (``output="hidden"``:
+        ``{side}:h:{expert}.{i}``), with the prompt group id."""
+        if self.output not in ("hidden", "rewards"):
+            raise ValueError(f"output must be 'hidden' or 'rewards', got {self.output!r}.")
+        hidden_out = self.output == "hidden"
+        kind, data, scores, hidden = self._run(X, want_hidden=hidden_out)
+        n = len(data)
+        sides = sides_of(kind)
+        if hidden_out:
+            flat = hidden.transpose(1, 0, 2).reshape(hidden.shape[1], -1)  # (n_texts, K * hidden)
+            names = [f"{e}.{i}" for e in self.expert_names_ for i in range(self.hidden_size_)]
+            blocks = {(side, "h", tuple(names)): flat[j * n:(j + 1) * n] for j, side in enumerate(sides)}
+        else:
+            blocks = {(side, "r", tuple(self.expert_names_)): scores[j * n:(j + 1) * n]
+                      for j, side in enumerate(sides)}
+        blocks[("prompt", "m", ("group",))] = group_ids_of_conversations(data.conversations).astype(np.float64)
+        return make_frame(blocks, index=X.index if isinstance(X, pd.DataFrame) else None)
 
     def get_feature_names_out(self, input_features=None):
         check_is_fitted(self, "expert_names_")
-        blocks = [f"{name}_{i}" for name in self.expert_names_ for i in range(self.hidden_size_)]
-        if self.input_kind_ == "pairs":
-            blocks = [f"chosen_{b}" for b in blocks] + [f"rejected_{b}" for b in blocks]
-        return np.asarray(blocks, dtype=object)
+        sides = sides_of(self.input_kind_)
+        if self.output == "rewards":
+            names = [column(s, "r", e) for s in sides for e in self.expert_names_]
+        else:
+            names = [column(s, "h", f"{e}.{i}") for s in sides for e in self.expert_names_
+                     for i in range(self.hidden_size_)]
+        return np.asarray(names + ["prompt:m:group"], dtype=object)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
@@ -13,40 +14,51 @@ from ._backbones import (
     cache_dir,
     load_backbone,
     load_tokenizer,
+    resolve_backbone,
     resolve_dtype,
     weights_fingerprint,
 )
 from ._data import read_texts
 from ._feature_cache import FeatureCache, feature_key
-from ._forward import ForwardStats, resolve_layer, run_prefix_suffix
+from ._forward import ForwardStats, run_prefix_suffix
 from ._templating import encode_conversation
+from .layout import GROUP_COLUMN, column, make_frame, read_layout, sides_of
+from .model_selection._groups import group_ids_of_conversations
 
 __all__ = ["BackboneFeaturizer", "split_feature_blocks"]
 
 _SLICE = 4096  # texts tokenized, run and written to the cache together
 
 
-def split_feature_blocks(X, hidden_size, kind):
-    """Split featurizer output into its named blocks.
+def split_feature_blocks(X):
+    """The hidden-state blocks of a featurizer output, by name.
 
-    Pointwise rows are laid out ``[response | prompt]`` and preference pairs
-    ``[chosen | rejected | prompt]``, each block ``hidden_size`` wide.
+    Returns ``{"chosen", "rejected", "prompt"}`` arrays for pairs and
+    ``{"response", "prompt"}`` for pointwise rows.
 
     Examples
     --------
-    >>> import numpy as np
-    >>> blocks = split_feature_blocks(np.zeros((2, 6)), 2, "pairs")
+    >>> from rmkit import BackboneFeaturizer
+    >>> from rmkit.testing import tiny_backbone
+    >>> F = BackboneFeaturizer(tiny_backbone(), cache=False, verbose=0).fit_transform(
+    ...     [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}])
+    >>> blocks = split_feature_blocks(F)
     >>> sorted(blocks), blocks["prompt"].shape
-    (['chosen', 'prompt', 'rejected'], (2, 2))
+    (['chosen', 'prompt', 'rejected'], (1, 64))
     """
-    names = ("chosen", "rejected", "prompt") if kind == "pairs" else ("response", "prompt")
-    X = np.asarray(X)
-    if X.ndim != 2 or X.shape[1] != len(names) * hidden_size:
+    lay = read_layout(X, step="split_feature_blocks", need=[("side", "h"), ("prompt", "h")])
+    return {b: lay.block(X, b, "h") for b in (*lay.sides, "prompt")}
+
+
+def _layer_index(n_layers, layer):
+    """Map ``layer`` (HF ``hidden_states`` index, negative from the end) to ``1..n_layers``."""
+    idx = n_layers + 1 + layer if layer < 0 else layer
+    if not 1 <= idx <= n_layers:
         raise ValueError(
-            f"Expected {kind} features of width {len(names)} x {hidden_size} = {len(names) * hidden_size} "
-            f"({' | '.join(names)}), got shape {X.shape}."
+            f"layer={layer} is out of range for a backbone with {n_layers} layers: use 1..{n_layers} or "
+            f"-{n_layers}..-1 (-1 is the final, normalised layer; 0, the embeddings, is not supported)."
         )
-    return {n: X[:, i * hidden_size : (i + 1) * hidden_size] for i, n in enumerate(names)}
+    return idx
 
 
 def _place_features(out, items, values, n_rows, d):
@@ -64,6 +76,29 @@ def _place_features(out, items, values, n_rows, d):
     out[items[~first] - n_rows, d : 2 * d] = values[~first, :d]
 
 
+class _LazyBar:
+    """A tqdm bar that appears on the first update that computes something (cache hits alone stay quiet)."""
+
+    def __init__(self, total, enabled):
+        self.total, self.enabled, self.bar, self.pending = total, enabled, None, 0
+
+    def update(self, n=1, computed=True):
+        if not self.enabled:
+            return
+        if self.bar is None and not computed:
+            self.pending += n
+            return
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, initial=self.pending, desc="featurize", unit="text")
+        self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
 class BackboneFeaturizer(TransformerMixin, BaseEstimator):
     """Hidden-state features of a frozen decoder LLM (ArmoRM's featurisation).
 
@@ -75,10 +110,15 @@ class BackboneFeaturizer(TransformerMixin, BaseEstimator):
     feature* (the gating input of ArmoRM) is the hidden state at the last
     token of the templated prompt, read from the same pass.
 
-    Output layout: pointwise rows (``prompt``/``messages`` + ``response``)
-    give ``[response | prompt]``; preference pairs (``prompt`` + ``chosen`` +
-    ``rejected``) give ``[chosen | rejected | prompt]``. Each block is
-    ``hidden_size_`` wide; :func:`split_feature_blocks` splits them.
+    Output: a feature frame (a DataFrame with named blocks, see
+    :mod:`rmkit.layout`). Pointwise rows (``prompt``/``messages`` +
+    ``response``) give the blocks ``response:h:*`` and ``prompt:h:*``;
+    preference pairs (``prompt`` + ``chosen`` + ``rejected``) give
+    ``chosen:h:*``, ``rejected:h:*`` and ``prompt:h:*``, each
+    ``hidden_size_`` wide (float32). Metadata columns travel along:
+    ``{side}:m:tokens`` (the response's length in tokens before truncation,
+    with the template's closing tokens: ArmoRM's verbosity signal) and ``prompt:m:group`` (the prompt group id every split uses).
+    :func:`split_feature_blocks` returns the hidden-state blocks as arrays.
 
     Parameters
     ----------
@@ -105,7 +145,9 @@ class BackboneFeaturizer(TransformerMixin, BaseEstimator):
         ``"auto"`` uses CUDA when available.
     dtype : str, default="float32"
     verbose : int, default=1
-        ``0`` silences the progress bar and truncation warnings.
+        ``0`` silences the progress bar and truncation warnings. The bar
+        appears only when the backbone has work to do (texts not in the
+        cache), so predictions inside a search over later steps stay quiet.
 
     Attributes
     ----------
@@ -142,8 +184,9 @@ class BackboneFeaturizer(TransformerMixin, BaseEstimator):
     >>> from rmkit.testing import tiny_backbone
     >>> pairs = [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}]
     >>> feats = BackboneFeaturizer(backbone=tiny_backbone(), cache=False, verbose=0)
-    >>> feats.fit_transform(pairs).shape
-    (1, 192)
+    >>> F = feats.fit_transform(pairs)
+    >>> F.shape, list(F.columns[[0, 64, 128, -1]])
+    ((1, 195), ['chosen:h:0', 'rejected:h:0', 'prompt:h:0', 'prompt:m:group'])
     """
 
     def __init__(self, backbone=EMBEDDED_BACKBONE, *, layer=-1, pooling="last", max_length=1024, batch_size=16,
@@ -174,11 +217,14 @@ class BackboneFeaturizer(TransformerMixin, BaseEstimator):
         ``X`` may be omitted; when given it is validated and names the output
         layout (``input_kind_``).
         """
+        from transformers import AutoConfig
+
         self._check_params()
         kind = read_texts(X)[0] if X is not None else "pointwise"
-        model = self._model()
-        self.layer_ = resolve_layer(model, self.layer)
-        self.hidden_size_ = int(model.config.hidden_size)
+        config = AutoConfig.from_pretrained(str(resolve_backbone(self.backbone)))  # the config, not the weights
+        config = getattr(config, "text_config", None) or config
+        self.layer_ = _layer_index(int(config.num_hidden_layers), self.layer)
+        self.hidden_size_ = int(config.hidden_size)
         self.backbone_fingerprint_ = weights_fingerprint(self.backbone)
         self.input_kind_ = kind
         return self
@@ -197,9 +243,7 @@ class BackboneFeaturizer(TransformerMixin, BaseEstimator):
         return FeatureCache(root)
 
     def transform(self, X):
-        """Featurize pointwise rows or preference pairs (see the class docstring for the layout)."""
-        from tqdm.auto import tqdm
-
+        """Featurize pointwise rows or preference pairs into a feature frame (see the class docstring)."""
         check_is_fitted(self, "hidden_size_")
         self._check_params()
         current = weights_fingerprint(self.backbone)  # memoised beside the weights: cheap
@@ -216,16 +260,22 @@ class BackboneFeaturizer(TransformerMixin, BaseEstimator):
         # Results go straight into the output and rows are tokenized a slice at a time, so memory
         # beyond the output is bounded by one slice, not by the dataset.
         out = np.empty((n_rows, (len(sides) + 1) * d), dtype=np.float32)
+        tokens = np.empty((n_rows, len(sides)), dtype=np.float64)
         stats, counts = ForwardStats(), dict(hits=0, truncated=0)
         store, namespace = self._feature_cache(), self._namespace()
         step = max(1, _SLICE // len(sides))  # a row's responses stay in one slice: they share its prompt
-        with tqdm(total=n_rows * len(sides), desc="featurize", unit="text", disable=not self.verbose) as bar:
+        bar = _LazyBar(total=n_rows * len(sides), enabled=bool(self.verbose))
+        try:
             for start in range(0, n_rows, step):
                 rows = range(start, min(start + step, n_rows))
                 encoded = [encode_conversation(tokenizer, convs[r], side[r], self.max_length)
                            for side in sides for r in rows]
                 items = np.asarray([s * n_rows + r for s in range(len(sides)) for r in rows])
+                for e, item in zip(encoded, items):
+                    tokens[item % n_rows, item // n_rows] = len(e.suffix) + e.n_response_dropped  # untruncated
                 self._featurize_slice(encoded, items, out, store, namespace, tokenizer, stats, counts, bar)
+        finally:
+            bar.close()
         n_items = n_rows * len(sides)
         self.last_stats_ = dict(rows=n_rows, items=n_items, cache_hits=counts["hits"],
                                 truncated=counts["truncated"], real_tokens=stats.real_tokens,
@@ -233,7 +283,17 @@ class BackboneFeaturizer(TransformerMixin, BaseEstimator):
         if counts["truncated"] and self.verbose:
             warnings.warn(f"{counts['truncated']} of {n_items} texts exceeded max_length={self.max_length} and "
                           "were truncated (prompt start first, then response end).", stacklevel=2)
-        return out
+        return self._frame(out, tokens, group_ids_of_conversations(convs), kind, X)
+
+    def _frame(self, out, tokens, groups, kind, X):
+        d, names = self.hidden_size_, range(self.hidden_size_)
+        sides = sides_of(kind)
+        blocks = {(b, "h", names): out[:, i * d:(i + 1) * d] for i, b in enumerate((*sides, "prompt"))}
+        for i, b in enumerate(sides):
+            blocks[(b, "m", ("tokens",))] = tokens[:, i]
+        blocks[("prompt", "m", ("group",))] = groups.astype(np.float64)
+        index = X.index if isinstance(X, pd.DataFrame) else None
+        return make_frame(blocks, index=index)
 
     def _featurize_slice(self, encoded, items, out, store, namespace, tokenizer, stats, counts, bar):
         """Features of one slice of texts, from the cache or the backbone, written into ``out``.
@@ -257,7 +317,7 @@ class BackboneFeaturizer(TransformerMixin, BaseEstimator):
             place(list(found), np.stack(list(found.values())))
             hits = sum(len(where[k]) for k in found)
             counts["hits"] += hits
-            bar.update(hits)
+            bar.update(hits, computed=False)
         todo = [k for k in where if k not in found]
         if not todo:
             return
@@ -276,13 +336,15 @@ class BackboneFeaturizer(TransformerMixin, BaseEstimator):
         if store is not None:
             store.put_many(zip(todo, values))
         place(todo, values)
-        bar.update(sum(len(where[k]) - 1 for k in todo))  # duplicates of computed texts
+        bar.update(sum(len(where[k]) - 1 for k in todo), computed=False)  # duplicates of computed texts
 
     def get_feature_names_out(self, input_features=None):
         """Names of the output columns for the layout of ``input_kind_``."""
         check_is_fitted(self, "hidden_size_")
-        blocks = ("chosen", "rejected", "prompt") if self.input_kind_ == "pairs" else ("response", "prompt")
-        return np.asarray([f"{b}_{i}" for b in blocks for i in range(self.hidden_size_)], dtype=object)
+        sides = sides_of(self.input_kind_)
+        names = [column(b, "h", i) for b in (*sides, "prompt") for i in range(self.hidden_size_)]
+        names += [column(b, "m", "tokens") for b in sides] + [GROUP_COLUMN]
+        return np.asarray(names, dtype=object)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

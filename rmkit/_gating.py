@@ -1,313 +1,237 @@
-"""Stage 2 of ArmoRM: a prompt-conditioned gating network that scalarises objective rewards."""
+"""Stage 2 of ArmoRM: a prompt-conditioned gate that mixes objective rewards into one score."""
 
 from __future__ import annotations
 
-import numbers
 
 import numpy as np
 import pandas as pd
 import torch
-from skorch import NeuralNet
-from skorch.callbacks import LRScheduler
-from sklearn.utils.validation import check_array, check_is_fitted
+from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from ._skorch import BradleyTerryLoss, ValidationMixin, seed_torch
+from ._skorch import PairwiseNetEstimator
 
 __all__ = ["GatedScalarizer", "GatingModule"]
 
 
 class GatingModule(nn.Module):
-    """``score = β Σ_k softmax(MLP(prompt) / τ)_k · (r T)_k``.
+    """``score = β Σ_k softmax(MLP(prompt) / τ)_k · r_k`` for rows ``[r | prompt]``.
 
-    Input rows are ``[rewards | prompt]`` (one response) or
-    ``[rewards_chosen | rewards_rejected | prompt]`` (a pair; output
-    ``(n, 2)`` as :class:`~rmkit._skorch.BradleyTerryLoss` expects).
+    Input of shape ``(n, k + d)`` (one response each, output ``(n,)``) or
+    ``(n, 2, k + d)`` (pairs, output ``(n, 2)``).
     """
 
-    def __init__(self, prompt_dim, n_objectives, transform=None, temperature=1.0, hidden_size=256,
-                 n_hidden_layers=2, dropout=0.2, beta_init=1.0, prompt_mean=None, prompt_scale=None):
+    def __init__(self, n_objectives, prompt_dim, temperature=1.0, hidden_size=256, n_hidden_layers=2,
+                 dropout=0.2, beta_init=1.0, prompt_mean=None, prompt_scale=None):
         super().__init__()
-        k = int(n_objectives)
-        T = torch.eye(k) if transform is None else torch.as_tensor(np.asarray(transform), dtype=torch.float32)
-        self.register_buffer("transform", T)
-        self.register_buffer("prompt_mean", torch.zeros(prompt_dim) if prompt_mean is None
+        k, d = int(n_objectives), int(prompt_dim)
+        self.n_objectives, self.prompt_dim, self.temperature = k, d, float(temperature)
+        self.register_buffer("prompt_mean", torch.zeros(d) if prompt_mean is None
                              else torch.as_tensor(prompt_mean, dtype=torch.float32))
-        self.register_buffer("prompt_scale", torch.ones(prompt_dim) if prompt_scale is None
+        self.register_buffer("prompt_scale", torch.ones(d) if prompt_scale is None
                              else torch.as_tensor(prompt_scale, dtype=torch.float32))
-        self.prompt_dim, self.n_objectives, self.temperature = int(prompt_dim), k, float(temperature)
-        layers, width = [], int(prompt_dim)
+        layers, width = [], d
         for _ in range(int(n_hidden_layers)):
             layers += [nn.Linear(width, int(hidden_size)), nn.ReLU(), nn.Dropout(float(dropout))]
             width = int(hidden_size)
-        layers.append(nn.Linear(width, T.shape[1]))
+        layers.append(nn.Linear(width, k))
         self.mlp = nn.Sequential(*layers)
         self.beta = nn.Parameter(torch.tensor(float(beta_init)))
 
     def gate(self, prompt):
-        """Gating weights over the transformed objectives; each row sums to 1."""
+        """Gating weights over the objectives; each row sums to 1."""
         logits = self.mlp((prompt - self.prompt_mean) / self.prompt_scale)
         return torch.softmax(logits / self.temperature, dim=-1)  # over objectives, the last axis
 
-    def score(self, gates, rewards):
-        return self.beta * (gates * (rewards @ self.transform)).sum(dim=-1)
-
-    def forward(self, X):
-        k, d = self.n_objectives, self.prompt_dim
-        g = self.gate(X[:, -d:])
-        if X.shape[1] == 2 * k + d:
-            return torch.stack([self.score(g, X[:, :k]), self.score(g, X[:, k:2 * k])], dim=1)
-        return self.score(g, X[:, :k])[:, None]
+    def forward(self, x):
+        k = self.n_objectives
+        return self.beta * (self.gate(x[..., k:]) * x[..., :k]).sum(dim=-1)
 
 
-class GatedScalarizer(ValidationMixin, NeuralNet):
-    """ArmoRM's gating layer as a skorch estimator: one reward per response from objective rewards.
+class GatedScalarizer(PairwiseNetEstimator):
+    """ArmoRM's gating layer: one reward per response from its objective rewards and its prompt.
 
-    A ReLU MLP on the prompt feature gives logits over the (transformed)
-    objectives; a softmax over the objective axis with temperature ``τ``,
-    times a learnable scale ``β``, weights the transformed rewards
-    ``r' = r T``: ``score = β Σ_k g_k(prompt) r'_k``. The transform ``T``
-    (e.g. :attr:`VerbosityDecorrelator.transform_matrix_`) lives inside the
-    module, so training and inference apply it identically. Training uses
-    the Bradley–Terry loss on preference pairs, AdamW with a cosine
-    learning-rate schedule and early stopping on a held-out share of the
-    pairs (all through skorch).
-
-    Input layout: pairs ``[r_chosen | r_rejected | prompt]`` (``fit`` and
-    ``predict`` → P(chosen ≻ rejected)); single responses ``[r | prompt]``
-    (``predict`` → score), where ``r`` has ``n_objectives`` columns.
+    A ReLU MLP on the prompt feature gives logits over the objectives; a
+    softmax over the objective axis with temperature ``τ``, times a learnable
+    scale ``β``, weights the objective rewards:
+    ``score = β Σ_k g_k(prompt) r_k``. It reads a feature frame with
+    objective blocks ``{side}:r:*`` and the prompt block ``prompt:h:*`` (the
+    output of :class:`~rmkit.MultiObjectiveRegressor`, an
+    :class:`~rmkit.ObjectiveUnion` or :class:`~rmkit.VerbosityDecorrelator`),
+    so it weighs any objectives: ridge probes, Bradley–Terry probes, LoRA
+    experts. Verbosity decorrelation (ArmoRM's reward transform) is the step
+    before it. Training uses the Bradley–Terry loss on preference pairs,
+    AdamW with a cosine learning-rate schedule and early stopping on a
+    held-out share of the prompts (skorch).
 
     Parameters
     ----------
-    n_objectives : int, default=None
-        Width of ``r``; inferred from ``transform`` when omitted.
-    transform : array-like of shape (n_objectives, n_gated), default=None
-        ``T``; ``None`` is the identity.
     temperature : float, default=1.0
-        Softmax temperature ``τ``.
+        Softmax temperature ``τ`` (the reference code uses 10).
     hidden_size : int, default=256
     n_hidden_layers : int, default=2
     dropout : float, default=0.2
     beta_init : float, default=1.0
         Initial value of the learnable scale ``β``.
     lr : float, default=1e-3
-        AdamW learning rate (weight decay: ``optimizer__weight_decay``).
+        AdamW learning rate.
+    weight_decay : float, default=0.01
     max_epochs : int, default=100
         Also the period of the cosine schedule.
     batch_size : int, default=256
     validation_fraction : float or None, default=0.1
-        Share of the pairs held out for early stopping; ``None`` trains on
+        Share of the prompts held out for early stopping; ``None`` trains on
         all pairs for ``max_epochs``.
     patience : int, default=10
         Epochs without a better validation loss before stopping; the best
         weights are restored.
-    random_state : int or None, default=None
-        Seeds torch (initialisation, shuffling, dropout) and the split.
+    random_state : int, RandomState or None, default=None
+        Seeds initialisation, shuffling, dropout and the split (without
+        touching torch's global random state).
     device : str, default="cpu"
+        ``"auto"`` uses CUDA when available.
     verbose : int, default=0
-    **kwargs
-        Further skorch parameters (``optimizer__weight_decay=...``,
-        ``callbacks=[...]``, ...).
+        ``1`` prints skorch's epoch table.
 
     Attributes
     ----------
-    module_ : GatingModule
+    objective_names_ : ndarray of str
     n_objectives_, prompt_dim_ : int
     prompt_mean_, prompt_scale_ : ndarray
         Standardisation of the prompt feature, learned in ``fit``.
+    net_ : skorch.NeuralNet
     history_ : skorch History
 
     Notes
     -----
-    scikit-learn's ``check_estimator`` does not apply: the input is a
-    structured layout (rewards and a prompt block), training needs
-    preference pairs and there is no target ``y``. Hyperparameters are
-    plain parameters, so ``GridSearchCV`` can tune them (score with
-    :data:`rmkit.metrics.pairwise_scorer`).
+    ``predict``/``decision_function``/``predict_proba``/``score`` follow
+    the reward-model contract of :mod:`rmkit._base` (a reward per response;
+    margin, preference and accuracy per pair). ``check_estimator`` does not
+    apply: the input is a feature frame with named blocks and training needs
+    preference pairs.
 
     Examples
     --------
     >>> import numpy as np
+    >>> from rmkit.layout import make_frame
     >>> rng = np.random.RandomState(0)
     >>> rc, rr, prompt = rng.normal(size=(64, 2)), rng.normal(size=(64, 2)), rng.normal(size=(64, 3))
-    >>> net = GatedScalarizer(n_objectives=2, max_epochs=3, random_state=0).fit(np.hstack([rc, rr, prompt]))
-    >>> net.predict(np.hstack([rc, prompt])).shape  # one score per response
-    (64,)
-    >>> out = net.explain(np.hstack([rc, prompt]))
+    >>> pairs = make_frame({("chosen", "r", ("a", "b")): rc + 1, ("rejected", "r", ("a", "b")): rr,
+    ...                     ("prompt", "h", range(3)): prompt})
+    >>> gate = GatedScalarizer(max_epochs=3, validation_fraction=None, random_state=0).fit(pairs)
+    >>> gate.score(pairs) > 0.8
+    True
+    >>> one = make_frame({("response", "r", ("a", "b")): rc, ("prompt", "h", range(3)): prompt})
+    >>> out = gate.explain(one)
     >>> bool(np.allclose(out["gating_weights"].sum(1), 1)), bool(np.allclose(
     ...     (out["rewards"] * out["coefficients"]).sum(1), out["score"], atol=1e-5))
     (True, True)
     """
 
-    def __init__(self, module=GatingModule, *, n_objectives=None, transform=None, temperature=1.0, hidden_size=256,
-                 n_hidden_layers=2, dropout=0.2, beta_init=1.0, criterion=BradleyTerryLoss,
-                 optimizer=torch.optim.AdamW, lr=1e-3, max_epochs=100, batch_size=256, validation_fraction=0.1,
-                 patience=10, random_state=None, device="cpu", verbose=0, **kwargs):
-        kwargs.setdefault("iterator_train__shuffle", True)
-        kwargs.pop("train_split", None)  # the split comes from validation_fraction (see get_split_datasets)
-        super().__init__(module, criterion, optimizer=optimizer, lr=lr, max_epochs=max_epochs,
-                         batch_size=batch_size, train_split=None, device=device, verbose=verbose, **kwargs)
-        self.n_objectives = n_objectives
-        self.transform = transform
+    def __init__(self, *, temperature=1.0, hidden_size=256, n_hidden_layers=2, dropout=0.2, beta_init=1.0,
+                 lr=1e-3, weight_decay=0.01, max_epochs=100, batch_size=256, validation_fraction=0.1, patience=10,
+                 random_state=None, device="cpu", verbose=0):
         self.temperature = temperature
         self.hidden_size = hidden_size
         self.n_hidden_layers = n_hidden_layers
         self.dropout = dropout
         self.beta_init = beta_init
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.max_epochs = max_epochs
+        self.batch_size = batch_size
         self.validation_fraction = validation_fraction
         self.patience = patience
         self.random_state = random_state
+        self.device = device
+        self.verbose = verbose
 
-    # -- configuration -------------------------------------------------------------------------
-    def _k(self):
-        if self.transform is not None:
-            T = np.asarray(self.transform, dtype=float)
-            if T.ndim != 2 or not np.isfinite(T).all():
-                raise ValueError(f"transform must be a finite 2-D matrix, got shape {T.shape}.")
-            if self.n_objectives is not None and self.n_objectives != T.shape[0]:
-                raise ValueError(f"n_objectives={self.n_objectives} disagrees with transform rows {T.shape[0]}.")
-            k = T.shape[0]
-        elif self.n_objectives is None:
-            raise ValueError("Set n_objectives (or transform) so the reward columns can be told from the prompt block.")
-        else:
-            k = self.n_objectives
-        if not isinstance(k, numbers.Integral) or k < 2:
-            raise ValueError(f"Gating needs at least two objectives to weight, got {k}.")
-        return int(k)
+    def _needs(self):
+        return [("side", "r"), ("prompt", "h")]
 
-    def _check_hparams(self):
+    def _check_common(self):
+        super()._check_common()
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}.")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}.")
-        if self.validation_fraction is not None and not 0 < self.validation_fraction < 1:
-            raise ValueError(f"validation_fraction must be None or in (0, 1), got {self.validation_fraction!r}.")
 
-    def initialize_module(self):
-        kwargs = self.get_params_for("module")
-        kwargs = {**dict(prompt_dim=self.prompt_dim_, n_objectives=self.n_objectives_, transform=self.transform,
-                         temperature=self.temperature, hidden_size=self.hidden_size,
-                         n_hidden_layers=self.n_hidden_layers, dropout=self.dropout, beta_init=self.beta_init,
-                         prompt_mean=self.prompt_mean_, prompt_scale=self.prompt_scale_), **kwargs}
-        self.module_ = self.module(**kwargs)
-        return self
-
-    def get_default_callbacks(self):
-        callbacks = list(super().get_default_callbacks())
-        callbacks.append(("lr_scheduler", LRScheduler(policy=torch.optim.lr_scheduler.CosineAnnealingLR,
-                                                      T_max=max(1, int(self.max_epochs)))))
-        return callbacks
-
-    # -- data ----------------------------------------------------------------------------------
-    def _rows(self, X, kind=None):
-        X = check_array(X, dtype=np.float32, input_name="X")
-        k, d = self.n_objectives_, self.prompt_dim_
-        widths = {"pairs": 2 * k + d, "pointwise": k + d}
-        got = next((name for name, w in widths.items() if X.shape[1] == w), None)
-        if got is None or (kind is not None and got != kind):
-            want = widths[kind] if kind else f"{widths['pointwise']} ([r | prompt]) or {widths['pairs']} " \
-                                              "([r_chosen | r_rejected | prompt])"
-            raise ValueError(f"X has {X.shape[1]} columns; expected {want} for {k} objectives and a "
-                             f"{d}-wide prompt block.")
-        return X, got
-
-    # -- fitting -------------------------------------------------------------------------------
-    def fit(self, X, y=None, **fit_params):
-        """Train on preference pairs ``[r_chosen | r_rejected | prompt]`` with the Bradley–Terry loss.
-
-        ``y`` is ignored (pairs are ordered chosen-first).
-        """
-        self._check_hparams()
-        k = self._k()
-        X = check_array(X, dtype=np.float32, input_name="X", ensure_min_samples=2)
-        if X.shape[1] <= 2 * k:
-            raise ValueError(f"X has {X.shape[1]} columns: too few for two blocks of {k} rewards and a prompt block.")
-        d = X.shape[1] - 2 * k
-        if np.array_equal(X[:, :k], X[:, k:2 * k]):
-            raise ValueError("Every pair has identical chosen and rejected rewards: there is no preference to learn.")
-        prompt = X[:, 2 * k:]
-        self.n_objectives_, self.prompt_dim_ = k, d
+    def _learn_input_stats(self, lay, X):
+        names = lay.names(lay.sides[0], "r")
+        if len(names) < 2:
+            raise ValueError(f"Gating needs at least two objectives to weight, got {names}.")
+        prompt = lay.block(X, "prompt", "h")
+        self.objective_names_ = np.asarray(names, dtype=object)
+        self.n_objectives_, self.prompt_dim_ = len(names), prompt.shape[1]
         self.prompt_mean_ = prompt.mean(axis=0)
         scale = prompt.std(axis=0)
         self.prompt_scale_ = np.where(scale > 1e-6, scale, 1.0).astype(np.float32)
-        seed_torch(self.random_state)
-        return super().fit(X, None, **fit_params)
 
-    # -- inference -----------------------------------------------------------------------------
-    def _forward_np(self, X):
-        return self.forward(X, training=False).detach().cpu().numpy().astype(np.float64)
+    def _inputs(self, lay, X, side):
+        if hasattr(self, "objective_names_") and lay.names(side, "r") != list(self.objective_names_):
+            raise ValueError(f"GatedScalarizer was fitted on the objectives {list(self.objective_names_)}; X has "
+                             f"{lay.names(side, 'r')}.")
+        return np.hstack([lay.block(X, side, "r"), lay.block(X, "prompt", "h")])
 
-    def predict(self, X):
-        """P(chosen ≻ rejected) for pairs; the score for single responses."""
-        check_is_fitted(self, "module_")
-        X, kind = self._rows(X)
-        out = self._forward_np(X)
-        if kind == "pairs":
-            return 1.0 / (1.0 + np.exp(-(out[:, 0] - out[:, 1])))
-        return out[:, 0]
-
-    def decision_function(self, X):
-        """Scores: ``(n,)`` for single responses, ``(n, 2)`` ``[chosen, rejected]`` for pairs."""
-        check_is_fitted(self, "module_")
-        X, kind = self._rows(X)
-        out = self._forward_np(X)
-        return out if kind == "pairs" else out[:, 0]
+    def _module(self, width):
+        return GatingModule(self.n_objectives_, self.prompt_dim_, temperature=self.temperature,
+                            hidden_size=self.hidden_size, n_hidden_layers=self.n_hidden_layers, dropout=self.dropout,
+                            beta_init=self.beta_init, prompt_mean=self.prompt_mean_, prompt_scale=self.prompt_scale_)
 
     def explain(self, X):
-        """Decompose the score of single responses ``[r | prompt]``.
+        """Decompose the score of each response.
 
         Returns
         -------
-        dict of arrays
-            ``rewards`` (n, k), ``transformed_rewards`` (n, k') = ``r T``,
-            ``gating_weights`` (n, k') summing to 1 per row, ``coefficients``
-            (n, k) = ``β T g`` and ``score`` (n,), with
+        dict of arrays (pointwise rows), or ``{"chosen": ..., "rejected": ...}`` of them (pairs)
+            ``rewards`` (n, k), ``gating_weights`` (n, k) summing to 1 per
+            row, ``coefficients`` (n, k) = ``β g`` and ``score`` (n,), with
             ``(rewards * coefficients).sum(1) == score``.
         """
-        check_is_fitted(self, "module_")
-        X, _ = self._rows(X, "pointwise")
-        m = self.module_
+        check_is_fitted(self, "net_")
+        lay = self._read(X)
+        m = self.net_.module_
         m.eval()
-        k = self.n_objectives_
-        with torch.no_grad():
-            x = torch.as_tensor(X, device=self.device)
-            g = m.gate(x[:, k:])
-            r = x[:, :k]
-            score = m.score(g, r)
-            coef = m.beta * g @ m.transform.T
-        T = m.transform.cpu().numpy().astype(np.float64)
-        r = X[:, :k].astype(np.float64)
-        return {"rewards": r, "transformed_rewards": r @ T, "gating_weights": g.cpu().numpy().astype(np.float64),
-                "coefficients": coef.cpu().numpy().astype(np.float64), "score": score.cpu().numpy().astype(np.float64)}
+        out = {}
+        for side in lay.sides:
+            rows = torch.as_tensor(self._inputs(lay, X, side), device=self.net_.device)
+            with torch.no_grad():
+                g = m.gate(rows[:, self.n_objectives_:])
+                score = m(rows)
+                coef = m.beta * g
+            out[side] = {"rewards": rows[:, :self.n_objectives_].cpu().numpy().astype(np.float64),
+                         "gating_weights": g.cpu().numpy().astype(np.float64),
+                         "coefficients": coef.cpu().numpy().astype(np.float64),
+                         "score": score.cpu().numpy().astype(np.float64)}
+        return out["response"] if lay.kind == "pointwise" else out
 
-    def explain_frame(self, X, objective_names=None, gated_names=None):
+    def explain_frame(self, X):
         """:meth:`explain` as a tidy DataFrame: one row per (response, objective).
 
-        Columns ``row, objective, reward, coefficient, contribution,
-        gating_weight, score``; ``contribution = reward * coefficient`` sums
-        to ``score`` within a response. ``gating_weight`` is matched to the
-        objective by ``gated_names`` (the transformed objectives' names),
-        positionally when ``T`` is square, and NaN for objectives not gated.
+        Columns ``row, side, objective, reward, gating_weight, coefficient,
+        contribution, score``; ``contribution = reward * coefficient`` sums to
+        ``score`` within a response.
         """
         out = self.explain(X)
-        n, k = out["rewards"].shape
-        names = list(objective_names) if objective_names is not None else [f"objective_{i}" for i in range(k)]
-        if len(names) != k:
-            raise ValueError(f"objective_names has {len(names)} entries for {k} objectives.")
-        kp = out["gating_weights"].shape[1]
-        if gated_names is None and kp == k:
-            gated_names = names
-        gate = np.full((n, k), np.nan)
-        if gated_names is not None:
-            for j, name in enumerate(gated_names):
-                if name in names:
-                    gate[:, names.index(name)] = out["gating_weights"][:, j]
-        return pd.DataFrame({
-            "row": np.repeat(np.arange(n), k),
-            "objective": np.tile(np.asarray(names, dtype=object), n),
-            "reward": out["rewards"].reshape(-1),
-            "coefficient": out["coefficients"].reshape(-1),
-            "contribution": (out["rewards"] * out["coefficients"]).reshape(-1),
-            "gating_weight": gate.reshape(-1),
-            "score": np.repeat(out["score"], k),
-        })
+        per_side = {"response": out} if "rewards" in out else out
+        frames = []
+        names = np.asarray(self.objective_names_, dtype=object)
+        for side, e in per_side.items():
+            n, k = e["rewards"].shape
+            frames.append(pd.DataFrame({
+                "row": np.repeat(np.arange(n), k), "side": side, "objective": np.tile(names, n),
+                "reward": e["rewards"].reshape(-1), "gating_weight": e["gating_weights"].reshape(-1),
+                "coefficient": e["coefficients"].reshape(-1),
+                "contribution": (e["rewards"] * e["coefficients"]).reshape(-1), "score": np.repeat(e["score"], k),
+            }))
+        out = pd.concat(frames, ignore_index=True).sort_values(["row", "side"], kind="stable")
+        return out.reset_index(drop=True)
+
+    def gate_entropy(self, X):
+        """Entropy (nats) of the gating weights per response: 0 is one-hot, ``log k`` is uniform."""
+        out = self.explain(X)
+        per_side = [out] if "rewards" in out else list(out.values())
+        g = np.concatenate([e["gating_weights"] for e in per_side])
+        return -(g * np.log(np.clip(g, 1e-12, None))).sum(axis=1)
+
+

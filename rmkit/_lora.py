@@ -21,11 +21,10 @@ import warnings
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, RegressorMixin, TransformerMixin
+from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 from skorch import NeuralNet
 from skorch.callbacks import Callback, EarlyStopping
-from skorch.dataset import ValidSplit
 from torch import nn
 
 from ._backbones import (
@@ -38,7 +37,12 @@ from ._backbones import (
 )
 from ._data import read_pairs, read_pointwise, read_texts
 from ._forward import _decoder_layers, _forward
-from ._skorch import BradleyTerryLoss, seed_torch, skorch_device
+from ._backbones import resolve_device
+from ._base import RewardModelMixin
+from ._skorch import BradleyTerryLoss, seeded_torch, torch_seed
+from .layout import make_frame, sides_of
+from .model_selection import PromptGroupValidSplit
+from .model_selection._groups import group_ids_of_conversations
 from ._templating import encode_conversation
 
 __all__ = ["LoRAExpertRegressor"]
@@ -143,15 +147,15 @@ class _ExpertModule(nn.Module):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)
             for k, name in enumerate(names):
-                seed_torch(None if seed is None else seed + k)
-                config = LoraConfig(layers_pattern="layers", bias="none", **lora_kwargs)
-                if peft_model is None:
-                    peft_model = get_peft_model(_module_view(backbone), config, adapter_name=name)
-                else:
-                    peft_model.add_adapter(name, config)
-                head = nn.Linear(hidden, 1)
-                nn.init.normal_(head.weight, std=1.0 / math.sqrt(hidden + 1))
-                nn.init.zeros_(head.bias)
+                with seeded_torch(None if seed is None else seed + k):
+                    config = LoraConfig(layers_pattern="layers", bias="none", **lora_kwargs)
+                    if peft_model is None:
+                        peft_model = get_peft_model(_module_view(backbone), config, adapter_name=name)
+                    else:
+                        peft_model.add_adapter(name, config)
+                    head = nn.Linear(hidden, 1)
+                    nn.init.normal_(head.weight, std=1.0 / math.sqrt(hidden + 1))
+                    nn.init.zeros_(head.bias)
                 self.heads[name] = head.to(backbone.device)
         self.peft = peft_model
         # not registered as a submodule: it shares every module with self.peft
@@ -344,7 +348,7 @@ class _LoRABase(BaseEstimator):
                     target_modules=list(self.target_modules_), layers_to_transform=list(self.lora_layers_))
 
     def _new_module(self, names):
-        seed = None if self.random_state is None else int(self.random_state)
+        seed = torch_seed(self.random_state)
         first = self.lora_layers_[0] if self.shared_trunk_ else 0
         return _ExpertModule(self._backbone_model(), names, self._lora_kwargs(), first, seed=seed)
 
@@ -378,12 +382,13 @@ class _LoRABase(BaseEstimator):
         return out
 
     # ---- training
-    def _train_adapter(self, module, name, items, y, criterion, criterion_kwargs, seed):
+    def _train_adapter(self, module, name, items, y, criterion, criterion_kwargs, seed, groups):
+        """Train one adapter; its validation split (early stopping) holds out whole prompts (``groups``)."""
         module.activate(name)
         callbacks = []
         train_split = None
         if self.validation_fraction > 0:
-            train_split = ValidSplit(self.validation_fraction, random_state=seed)
+            train_split = PromptGroupValidSplit(self.validation_fraction, groups=groups, random_state=seed)
             callbacks = [("early_stopping", EarlyStopping(monitor="valid_loss", patience=self.patience)),
                          ("keep_best", _KeepBestAdapter())]
         net = _AdapterNet(
@@ -391,11 +396,11 @@ class _LoRABase(BaseEstimator):
             optimizer__weight_decay=self.weight_decay, max_epochs=self.max_epochs, batch_size=self.batch_size,
             accumulation_steps=int(self.accumulation_steps), train_split=train_split, callbacks=callbacks,
             iterator_train__shuffle=True, iterator_train__collate_fn=_collate, iterator_valid__collate_fn=_collate,
-            device=skorch_device(self.device), verbose=int(self.verbose),
+            device=resolve_device(self.device), verbose=int(self.verbose),
             **{f"criterion__{k}": v for k, v in criterion_kwargs.items()},
         )
-        seed_torch(seed)
-        net.fit(_as_items(items), np.asarray(y, dtype=np.float32))
+        with seeded_torch(seed):
+            net.fit(_as_items(items), np.asarray(y, dtype=np.float32))
         module.eval()
         return net.history
 
@@ -505,7 +510,7 @@ def _check_targets(y, n, name="y"):
 # --------------------------------------------------------------------------- the estimator
 
 
-class LoRAExpertRegressor(TransformerMixin, RegressorMixin, _LoRABase):
+class LoRAExpertRegressor(RewardModelMixin, TransformerMixin, _LoRABase):
     """A reward model: a backbone with a LoRA adapter and a value head.
 
     The reward of a conversation + response is a linear head on the final
@@ -554,6 +559,10 @@ class LoRAExpertRegressor(TransformerMixin, RegressorMixin, _LoRABase):
         Backbone dtype (adapters stay in float32).
     verbose : int, default=1
         skorch's epoch log and truncation warnings; 0 silences them.
+    output : {"hidden", "reward"}, default="hidden"
+        What ``transform`` emits per response side (a feature frame): the
+        adapted last-token hidden states, or the reward as one objective
+        (``{side}:r:reward``) for a gate or an :class:`~rmkit.ObjectiveUnion`.
 
     Attributes
     ----------
@@ -568,11 +577,12 @@ class LoRAExpertRegressor(TransformerMixin, RegressorMixin, _LoRABase):
 
     Notes
     -----
-    ``predict`` on pointwise rows returns rewards ``(n,)``; on pairs it
-    returns P(chosen ≻ rejected) ``(n,)``. ``transform`` returns the
-    adapted last-token hidden states: ``(n, hidden)`` for pointwise rows,
-    ``[chosen | rejected]`` ``(n, 2 * hidden)`` for pairs. ``score`` is R² on
-    rated rows and pairwise accuracy on pairs.
+    The reward-model contract of :mod:`rmkit._base`: ``predict`` on
+    pointwise rows returns rewards ``(n,)``; on pairs ``predict_proba``
+    gives P(chosen ≻ rejected), ``decision_function`` the margin and
+    ``predict`` 1 when the chosen side wins. ``score`` is R² on rated rows
+    and pairwise accuracy on pairs. The validation split of early stopping
+    holds out whole prompts.
 
     Pickling (``joblib.dump``) stores the parameters, the LoRA tensors and the
     head (on CPU) and the backbone's name and weight fingerprint, never the
@@ -594,14 +604,15 @@ class LoRAExpertRegressor(TransformerMixin, RegressorMixin, _LoRABase):
     >>> pairs = [{"prompt": "2+2?", "chosen": "4", "rejected": "5"},
     ...          {"prompt": "3+3?", "chosen": "6", "rejected": "7"}]
     >>> rm = LoRAExpertRegressor(tiny_backbone(), rank=2, max_epochs=1, random_state=0, verbose=0).fit(pairs)
-    >>> rm.predict(pairs).shape, rm.transform(pairs).shape
-    ((2,), (2, 128))
+    >>> rm.predict_proba(pairs).shape, rm.transform(pairs).shape  # P(chosen ≻ rejected); hidden states per side
+    ((2, 2), (2, 129))
     """
 
     def __init__(self, backbone=EMBEDDED_BACKBONE, *, rank=8, alpha=16, dropout=0.05, target_modules=None,
                  layers=None, shared_trunk="auto", lr=1e-4, weight_decay=0.0, max_epochs=3, batch_size=8,
                  accumulation_steps=1, validation_fraction=0.0, patience=3, max_length=1024, random_state=None,
-                 device="auto", dtype="float32", verbose=1):
+                 device="auto", dtype="float32", verbose=1, output="hidden"):
+        self.output = output
         self.backbone = backbone
         self.rank = rank
         self.alpha = alpha
@@ -660,7 +671,8 @@ class LoRAExpertRegressor(TransformerMixin, RegressorMixin, _LoRABase):
         self._resolve_architecture()
         module = self._new_module([self._NAME])
         self._runtime = module
-        seed = self.random_state
+        seed = torch_seed(self.random_state)
+        groups = group_ids_of_conversations(data.conversations)
         if kind == "pairs":
             n = len(data)
             seqs = self._encode(data.conversations, data.chosen + data.rejected)
@@ -668,7 +680,7 @@ class LoRAExpertRegressor(TransformerMixin, RegressorMixin, _LoRABase):
             items = [(inputs[i], inputs[n + i]) for i in range(n)]
             target = margins if margins is not None else np.zeros(n)
             self.history_ = self._train_adapter(module, self._NAME, items, target, BradleyTerryLoss,
-                                                {"use_margin": margins is not None}, seed)
+                                                {"use_margin": margins is not None}, seed, groups)
             self.y_mean_, self.y_scale_ = 0.0, 1.0
         else:
             self.objective_ = "mse"
@@ -676,7 +688,7 @@ class LoRAExpertRegressor(TransformerMixin, RegressorMixin, _LoRABase):
             seqs = self._encode(data.conversations, data.responses)
             items = self._training_inputs(module, seqs)
             target = (ratings - self.y_mean_) / self.y_scale_
-            self.history_ = self._train_adapter(module, self._NAME, items, target, nn.MSELoss, {}, seed)
+            self.history_ = self._train_adapter(module, self._NAME, items, target, nn.MSELoss, {}, seed, groups)
         self.input_kind_ = kind
         return self
 
@@ -688,27 +700,43 @@ class LoRAExpertRegressor(TransformerMixin, RegressorMixin, _LoRABase):
         scores, hidden = self._score(seqs, [self._NAME], want_hidden=want_hidden)
         return kind, len(data), scores[0] * self.y_scale_ + self.y_mean_, None if hidden is None else hidden[0]
 
-    def predict(self, X):
-        """Rewards ``(n,)`` for pointwise rows; P(chosen ≻ rejected) ``(n,)`` for pairs."""
+    def _scores(self, X):
         kind, n, scores, _ = self._run(X, want_hidden=False)
-        if kind == "pairs":
-            return 1.0 / (1.0 + np.exp(-(scores[:n] - scores[n:])))
-        return scores
+        return kind, (scores if kind == "pointwise" else np.c_[scores[:n], scores[n:]])
 
     def transform(self, X):
-        """Adapted last-token hidden states: ``(n, hidden)``, or ``[chosen | rejected]`` for pairs."""
-        kind, n, _, hidden = self._run(X, want_hidden=True)
-        return np.hstack([hidden[:n], hidden[n:]]) if kind == "pairs" else hidden
+        """A feature frame per response side: the adapted last-token hidden states
+        (``output="hidden"``: ``{side}:h:{i}``) or the reward (``output="reward"``: ``{side}:r:reward``),
+        with the prompt group id."""
+        if self.output not in ("hidden", "reward"):
+            raise ValueError(f"output must be 'hidden' or 'reward', got {self.output!r}.")
+        kind, data = read_texts(X)
+        n = len(data)
+        _, _, scores, hidden = self._run(X, want_hidden=self.output == "hidden")
+        sides = sides_of(kind)
+        if self.output == "hidden":
+            blocks = {(side, "h", range(self.hidden_size_)): hidden[j * n:(j + 1) * n] for j, side in enumerate(sides)}
+        else:
+            blocks = {(side, "r", (self._NAME,)): scores[j * n:(j + 1) * n] for j, side in enumerate(sides)}
+        blocks[("prompt", "m", ("group",))] = group_ids_of_conversations(data.conversations).astype(np.float64)
+        return make_frame(blocks, index=X.index if hasattr(X, "iloc") else None)
 
     def score(self, X, y=None, sample_weight=None):
         """Pairwise accuracy on pairs; R² against ``y`` on rated rows."""
         if read_texts(X)[0] == "pairs":
-            return float(np.mean(self.predict(X) > 0.5))
-        return super().score(X, y, sample_weight=sample_weight)
+            return super().score(X, y, sample_weight=sample_weight)
+        from sklearn.metrics import r2_score
+
+        return float(r2_score(y, self.predict(X), sample_weight=sample_weight))
 
     def get_feature_names_out(self, input_features=None):
         check_is_fitted(self, "objective_")
-        return np.asarray([f"hidden_{i}" for i in range(self.hidden_size_)], dtype=object)
+        sides = sides_of(self.input_kind_)
+        if self.output == "reward":
+            names = [f"{side}:r:{self._NAME}" for side in sides]
+        else:
+            names = [f"{side}:h:{i}" for side in sides for i in range(self.hidden_size_)]
+        return np.asarray(names + ["prompt:m:group"], dtype=object)
 
     def weight_deltas(self):
         """What the adapter adds to each adapted weight: ``{module name: ΔW}``.

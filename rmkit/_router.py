@@ -12,8 +12,8 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from ._backbones import EMBEDDED_BACKBONE
-from ._data import _conversations, _require_rows, as_frame
-from ._featurizer import BackboneFeaturizer
+from ._data import _conversations, _require_rows, as_frame, infer_kind
+from ._featurizer import BackboneFeaturizer, split_feature_blocks
 
 __all__ = ["TaskRouter"]
 
@@ -115,7 +115,7 @@ class TaskRouter(BaseEstimator):
             rows = pd.DataFrame({"messages": convs, "response": ["."] * len(convs)})
             if fit:
                 feat.fit(rows)
-            return feat.transform(rows)[:, feat.hidden_size_:]
+            return split_feature_blocks(feat.transform(rows))["prompt"]
         texts = [_render(c) for c in convs]
         return feat.fit_transform(texts) if fit else feat.transform(texts)
 
@@ -130,8 +130,47 @@ class TaskRouter(BaseEstimator):
                              f"{int(np.argmax(missing))}.")
         return tasks
 
-    def fit(self, X, y=None):
-        """Fit the router on the task column and each task's estimator on its own rows."""
+    # -- parameters: a dict of per-task estimators is reachable as estimators__<task>__<param> --
+    def get_params(self, deep=True):
+        out = super().get_params(deep=False)
+        if not deep:
+            return out
+        if isinstance(self.estimators, dict):
+            for task, est in self.estimators.items():
+                out[f"estimators__{task}"] = est
+                if hasattr(est, "get_params"):
+                    out.update({f"estimators__{task}__{k}": v for k, v in est.get_params(deep=True).items()})
+        elif hasattr(self.estimators, "get_params"):
+            out.update({f"estimators__{k}": v for k, v in self.estimators.get_params(deep=True).items()})
+        for name in ("router", "featurizer", "fallback"):
+            est = getattr(self, name)
+            if hasattr(est, "get_params"):
+                out.update({f"{name}__{k}": v for k, v in est.get_params(deep=True).items()})
+        return out
+
+    def set_params(self, **params):
+        per_task = {}
+        for key in [k for k in params if k.startswith("estimators__") and isinstance(self.estimators, dict)]:
+            task_key, _, sub = key[len("estimators__"):].partition("__")
+            task = next((t for t in self.estimators if str(t) == task_key), None)
+            if task is None:
+                raise ValueError(f"Invalid parameter {key!r}: no task {task_key!r} in estimators "
+                                 f"({list(self.estimators)}).")
+            value = params.pop(key)
+            if sub:
+                per_task.setdefault(task, {})[sub] = value
+            else:
+                self.estimators = {**self.estimators, task: value}
+        for task, sub in per_task.items():
+            self.estimators[task].set_params(**sub)
+        return super().set_params(**params) if params else self
+
+    def fit(self, X, y=None, **fit_params):
+        """Fit the router on the task column and each task's estimator on its own rows.
+
+        ``fit_params`` (e.g. ``sample_weight``, ``groups``) are sliced by row
+        and passed to each task's estimator.
+        """
         df = as_frame(X)
         _require_rows(df, "X")
         tasks = self._tasks(df)
@@ -162,20 +201,23 @@ class TaskRouter(BaseEstimator):
         else:
             self.router_ = None
             self.classes_ = classes
+        def rows(mask):
+            sub = {k: (np.asarray(v)[mask] if hasattr(v, "__len__") and len(v) == len(df) else v)
+                   for k, v in fit_params.items()}
+            return (df.loc[mask], *(() if y is None else (y[mask],))), sub
+
         self.fallback_ = None
         if fallback_tasks:
             self.fallback_ = clone(self.fallback)
-            self.fallback_.fit(df, y) if y is not None else self.fallback_.fit(df)
+            args, sub = rows(np.ones(len(df), dtype=bool))
+            self.fallback_.fit(*args, **sub)
         self.estimators_ = {}
         for t in self.classes_:
             if t in fallback_tasks:
                 self.estimators_[t] = self.fallback_
                 continue
-            mask = tasks == t
-            est = clone(templates[t])
-            sub = df.loc[mask]
-            est.fit(sub, y[mask]) if y is not None else est.fit(sub)
-            self.estimators_[t] = est
+            args, sub = rows(tasks == t)
+            self.estimators_[t] = clone(templates[t]).fit(*args, **sub)
         self.task_counts_ = counts
         self.fallback_tasks_ = fallback_tasks
         return self
@@ -231,8 +273,8 @@ class TaskRouter(BaseEstimator):
         true = self._check_tasks(true, len(df))
         return float(np.mean(self.predict_route(df) == true))
 
-    def _dispatch(self, method, X, tasks=None):
-        """Call ``method`` of each row's task estimator; results back in row order."""
+    def dispatch(self, method, X, tasks=None):
+        """Call ``method`` of each row's task estimator (routed, or by ``tasks``); results in row order."""
         check_is_fitted(self, "estimators_")
         df = as_frame(X)
         _require_rows(df, "X")
@@ -251,18 +293,35 @@ class TaskRouter(BaseEstimator):
             return out.set_index(df.index)
         return np.concatenate([np.asarray(p) for p in parts])[inverse]
 
-    def predict(self, X, tasks=None):
-        """Predict each row with its task's estimator.
+    def predict(self, X):
+        """Predict each row with the estimator of the task the router picks."""
+        return self.dispatch("predict", X)
 
-        Parameters
-        ----------
-        X : DataFrame
-        tasks : array-like, optional
-            Route by these task labels instead of the router (e.g. to
-            evaluate inner models under perfect routing). An unknown task is
-            an error.
-        """
-        return self._dispatch("predict", X, tasks)
+    def predict_for_tasks(self, X, tasks):
+        """Predict each row with the estimator of a given task (e.g. to evaluate the inner models
+        under perfect routing). An unknown task is an error."""
+        return self.dispatch("predict", X, tasks)
+
+    def decision_function(self, X):
+        """Each row's task estimator's ``decision_function`` (rewards; margins for pairs)."""
+        return self.dispatch("decision_function", X)
+
+    def predict_proba(self, X):
+        """Each row's task estimator's ``predict_proba`` (P(chosen ≻ rejected) for pairs)."""
+        return self.dispatch("predict_proba", X)
+
+    def score(self, X, y=None, sample_weight=None):
+        """Pairwise accuracy on preference pairs (inner reward models); otherwise R² of ``predict``."""
+        df = as_frame(X)
+        if infer_kind(df) == "pairs" and all(hasattr(e, "decision_function") for e in self.estimators_.values()):
+            from .model_selection import pair_target
+
+            margin = self.decision_function(df)
+            right = np.where(pair_target(y, len(df)) == 1, margin > 0, margin < 0)
+            return float(np.average(right, weights=sample_weight))
+        from sklearn.metrics import r2_score
+
+        return float(r2_score(y, self.predict(df), sample_weight=sample_weight))
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -1,33 +1,52 @@
-"""Pieces shared by rmkit's skorch-based estimators (one training loop: skorch's)."""
+"""The one training loop of rmkit's small torch models: skorch's, behind a plain scikit-learn estimator.
+
+The estimators here *hold* a skorch ``NeuralNet`` (``net_``) instead of
+subclassing it, so their parameters are their own (``get_params`` and
+``repr`` show the model's hyperparameters, not skorch's plumbing), and
+scikit-learn's ``predict_proba``/``score`` contract is rmkit's.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted
 from torch import nn
 from torch.nn import functional as F
 
 from ._backbones import resolve_device
+from ._base import RewardModelMixin
+from .layout import read_layout
+from .model_selection import PromptGroupValidSplit, pair_target, resolve_groups
 
-__all__ = ["BradleyTerryLoss", "ValidationMixin", "bradley_terry_loss", "seed_torch", "silent_sink", "skorch_device"]
+__all__ = ["BradleyTerryLoss", "PairwiseNetEstimator", "bradley_terry_loss", "seeded_torch", "silent_sink"]
 
 
-def bradley_terry_loss(chosen, rejected, margin=None):
-    """Mean negative log-likelihood of ``chosen`` beating ``rejected``: ``-log σ(s_c - s_r - m)``."""
+def bradley_terry_loss(chosen, rejected, margin=None, weight=None):
+    """Mean negative log-likelihood of ``chosen`` beating ``rejected``: ``-log σ(s_c - s_r - m)``.
+
+    With ``weight``, a weighted mean over pairs.
+    """
     diff = chosen - rejected
     if margin is not None:
         diff = diff - margin
-    return -F.logsigmoid(diff).mean()
+    nll = -F.logsigmoid(diff)
+    if weight is None:
+        return nll.mean()
+    return (nll * weight).sum() / weight.sum().clamp_min(1e-12)
 
 
 class BradleyTerryLoss(nn.Module):
     """skorch criterion for pairwise training.
 
-    The module's output ``y_pred`` has shape ``(n, 2)``: the scores of the
-    chosen and the rejected response. ``y_true`` is ignored unless it is a
-    float tensor of per-pair margins (used when ``use_margin`` is True).
+    ``y_pred`` has shape ``(n, 2)``: the scores of the chosen and the
+    rejected response. ``y_true`` is ignored unless ``use_margin`` (it holds
+    per-pair margins) or ``use_weights`` (it holds per-pair weights) is set.
 
     Examples
     --------
@@ -37,53 +56,172 @@ class BradleyTerryLoss(nn.Module):
     0.6931
     """
 
-    def __init__(self, use_margin=False):
+    def __init__(self, use_margin=False, use_weights=False):
         super().__init__()
+        if use_margin and use_weights:
+            raise ValueError("y_true holds either margins or weights, not both.")
         self.use_margin = use_margin
+        self.use_weights = use_weights
 
     def forward(self, y_pred, y_true=None):
-        margin = None
-        if self.use_margin and y_true is not None:
-            margin = y_true.to(y_pred.dtype).reshape(-1)
-        return bradley_terry_loss(y_pred[:, 0], y_pred[:, 1], margin)
+        if y_true is None or not (self.use_margin or self.use_weights):
+            return bradley_terry_loss(y_pred[:, 0], y_pred[:, 1])
+        y_true = y_true.to(y_pred.dtype).reshape(-1)
+        if self.use_margin:
+            return bradley_terry_loss(y_pred[:, 0], y_pred[:, 1], margin=y_true)
+        return bradley_terry_loss(y_pred[:, 0], y_pred[:, 1], weight=y_true)
 
 
-def seed_torch(random_state):
-    """Seed torch from an int or a ``numpy`` RandomState (None leaves it alone)."""
+def torch_seed(random_state):
+    """An int seed for torch from an int or a RandomState (None: None)."""
     if random_state is None:
+        return None
+    if isinstance(random_state, numbers.Integral):
+        return int(random_state)
+    return int(check_random_state(random_state).randint(0, 2**31 - 1))
+
+
+@contextlib.contextmanager
+def seeded_torch(seed):
+    """Run a block under ``torch.manual_seed(seed)`` without touching the caller's global RNG state."""
+    if seed is None:
+        yield
         return
-    if isinstance(random_state, np.random.RandomState):
-        random_state = int(random_state.randint(0, 2**31 - 1))
-    torch.manual_seed(int(random_state))
-
-
-def skorch_device(device):
-    """Resolve rmkit's ``device="auto"`` for a skorch ``device`` argument."""
-    return resolve_device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield
 
 
 def silent_sink(*args, **kwargs):
     """A picklable no-op message sink for skorch callbacks (a lambda would break joblib)."""
 
 
-class ValidationMixin:
-    """Early stopping on a seeded validation split, for skorch nets with ``validation_fraction``,
-    ``patience`` and ``random_state`` parameters (no split when ``validation_fraction`` is 0)."""
+class PairwiseNetEstimator(RewardModelMixin, BaseEstimator):
+    """Base of the small torch reward models trained Bradley–Terry on preference pairs.
 
-    def get_default_callbacks(self):
-        from skorch.callbacks import EarlyStopping
+    Subclasses say which blocks of a feature frame they read (``_inputs``)
+    and which module scores one response (``_module``). The net sees pairs
+    as a tensor of shape ``(n, 2, width)``; its output is ``(n, 2)``.
+    Training: AdamW with a cosine schedule, early stopping on a held-out
+    share of the *prompts*, per-pair weights, all through skorch.
+    """
 
-        callbacks = list(super().get_default_callbacks())
+    _step = "model"
+
+    # -- to implement --------------------------------------------------------------------------
+    def _needs(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def _inputs(self, lay, X, side):  # pragma: no cover
+        """float32 array (n, width) of one response side."""
+        raise NotImplementedError
+
+    def _learn_input_stats(self, lay, X):
+        """Record statistics of the training inputs (e.g. for standardisation) before the module is built."""
+
+    def _module(self, width):  # pragma: no cover
+        raise NotImplementedError
+
+    # -- shared --------------------------------------------------------------------------------
+    def _check_common(self):
+        if self.validation_fraction is not None and not 0 < self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be None or in (0, 1), got {self.validation_fraction!r}.")
+        for name in ("max_epochs", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}.")
+
+    def _read(self, X, kind=None):
+        return read_layout(X, step=type(self).__name__, need=self._needs(), kind=kind)
+
+    def _net(self, module, groups, seed):
+        from skorch import NeuralNet
+        from skorch.callbacks import EarlyStopping, LRScheduler
+
+        callbacks = [("lr_scheduler", LRScheduler(policy="CosineAnnealingLR", T_max=max(1, int(self.max_epochs))))]
+        split = None
         if self.validation_fraction:
+            split = PromptGroupValidSplit(float(self.validation_fraction), groups=groups, random_state=seed)
             callbacks.append(("early_stopping", EarlyStopping(monitor="valid_loss", patience=self.patience,
                                                               load_best=True, sink=silent_sink)))
-        return callbacks
+        return NeuralNet(
+            module=module, criterion=BradleyTerryLoss, criterion__use_weights=True, optimizer=torch.optim.AdamW, lr=self.lr,
+            optimizer__weight_decay=self.weight_decay, max_epochs=int(self.max_epochs),
+            batch_size=int(self.batch_size), iterator_train__shuffle=True, train_split=split,
+            callbacks=callbacks, device=resolve_device(self.device), verbose=int(self.verbose),
+        )
 
-    def get_split_datasets(self, X, y=None, **fit_params):
-        from skorch.dataset import ValidSplit
+    def fit(self, X, y=None, *, sample_weight=None, groups=None):
+        """Train on preference pairs (a feature frame) with the Bradley–Terry loss.
 
-        dataset = self.get_dataset(X, y)
-        if not self.validation_fraction:
-            return dataset, None
-        seed = self.random_state if isinstance(self.random_state, numbers.Integral) else None
-        return ValidSplit(float(self.validation_fraction), random_state=seed)(dataset, y)
+        Parameters
+        ----------
+        X : feature frame of preference pairs
+        y : array-like of shape (n_pairs,), optional
+            1 where the ``chosen`` side is preferred, 0 where ``rejected``
+            is (default: all 1).
+        sample_weight : array-like of shape (n_pairs,), optional
+            Per-pair weights of the loss.
+        groups : array-like of shape (n_pairs,), optional
+            Prompt groups for the validation split (default: the frame's).
+
+        Returns
+        -------
+        self
+        """
+        self._check_common()
+        lay = self._read(X, kind="pairs")
+        n = len(X)
+        if n < 2:
+            raise ValueError(f"{type(self).__name__} needs at least 2 pairs, got {n}.")
+        target = pair_target(y, n)
+        groups = resolve_groups(X, groups)
+        w = np.ones(n, dtype=np.float32) if sample_weight is None else np.asarray(sample_weight, dtype=np.float32)
+        if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any():
+            raise ValueError(f"sample_weight must hold {n} finite non-negative weights.")
+        self._learn_input_stats(lay, X)
+        c, r = (self._inputs(lay, X, s) for s in lay.sides)
+        if np.array_equal(c, r):
+            raise ValueError("Every pair has identical chosen and rejected inputs: there is no preference to learn.")
+        swap = (target == 0)[:, None]
+        pairs = np.stack([np.where(swap, r, c), np.where(swap, c, r)], axis=1).astype(np.float32)
+        seed = torch_seed(self.random_state)
+        with seeded_torch(seed):
+            net = self._net(self._module(pairs.shape[2]), groups, seed)
+            net.fit(pairs, w)
+        # training-only settings: the split held this fit's groups; the callbacks hold a schedule and a sink
+        net.train_split, net.callbacks = None, None
+        self.net_ = net
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def _forward(self, rows):
+        net = self.net_
+        net.module_.eval()
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(rows), 4096):
+                x = torch.tensor(rows[start:start + 4096], device=net.device)
+                out.append(net.module_(x).float().cpu().numpy())
+        return np.concatenate(out).astype(np.float64) if out else np.empty((0,))
+
+    def _scores(self, X):
+        check_is_fitted(self, "net_")
+        lay = self._read(X)
+        sides = [self._inputs(lay, X, s) for s in lay.sides]
+        scores = np.column_stack([self._forward(v) for v in sides])
+        return lay.kind, (scores[:, 0] if lay.kind == "pointwise" else scores)
+
+    @property
+    def module_(self):
+        """The trained torch module."""
+        check_is_fitted(self, "net_")
+        return self.net_.module_
+
+    @property
+    def history_(self):
+        """skorch's training history (losses per epoch)."""
+        check_is_fitted(self, "net_")
+        return self.net_.history_

@@ -32,6 +32,7 @@ class Encoded:
     prefix: tuple
     suffix: tuple
     n_dropped: int  # tokens removed by truncation
+    n_response_dropped: int = 0  # of which from the end of the response
 
     @property
     def truncated(self):
@@ -113,7 +114,7 @@ def encode_conversation(tokenizer, messages, response, max_length=None):
     if not resp:
         raise ValueError("The response produced no tokens of its own after templating.")
     n = len(ids)
-    dropped = 0
+    dropped = d2 = 0
     if max_length is not None and n > max_length:
         excess = n - max_length
         d1 = min(excess, len(droppable))
@@ -126,4 +127,4 @@ def encode_conversation(tokenizer, messages, response, max_length=None):
                 f"max_length={max_length} is too small: the template's fixed tokens and one response "
                 f"token alone need {n - len(regions[1]) - len(regions[3]) + 1}."
             )
-    return Encoded(tuple(head + droppable + tail), tuple(resp + closing), dropped)
+    return Encoded(tuple(head + droppable + tail), tuple(resp + closing), dropped, d2)

@@ -8,7 +8,7 @@ from rmkit import VerbosityDecorrelator
 from rmkit._decorrelation import DEFAULT_LAMBDAS
 
 
-@parametrize_with_checks([VerbosityDecorrelator(), VerbosityDecorrelator(drop_verbosity=True)])
+@parametrize_with_checks([VerbosityDecorrelator(verbosity=-1), VerbosityDecorrelator(verbosity=-1, drop_verbosity=True)])
 def test_sklearn_compatible(estimator, check):
     check(estimator)
 
@@ -65,12 +65,42 @@ def test_grid_too_short_warns_with_best_effort():
 
 
 @pytest.mark.parametrize("kwargs, R, match", [
-    ({}, np.random.RandomState(0).normal(size=(20, 1)), "at least two objectives"),
-    ({"verbosity": "length"}, _rewards(), "not a column"),
+    ({"verbosity": -1}, np.random.RandomState(0).normal(size=(20, 1)), "at least two objectives"),
+    ({"verbosity": "nope"}, _rewards(), "not a column"),
+    ({"verbosity": "length"}, _rewards(), "needs a feature frame with token counts"),
     ({"verbosity": 5}, _rewards(), "index"),
-    ({}, np.c_[np.arange(10.0), np.ones(10)], "constant"),
-    ({"lambdas": [0.5, 0.1]}, _rewards(), "increasing"),
+    ({"verbosity": -1}, np.c_[np.arange(10.0), np.ones(10)], "constant"),
+    ({"verbosity": -1, "lambdas": [0.5, 0.1]}, _rewards(), "increasing"),
 ])
 def test_bad_inputs(kwargs, R, match):
     with pytest.raises(ValueError, match=match):
         VerbosityDecorrelator(**kwargs).fit(R)
+
+
+def test_frame_mode_derives_verbosity_from_token_counts_and_carries_the_prompt_block():
+    from rmkit.layout import make_frame, read_layout
+
+    rng = np.random.RandomState(0)
+    n = 300
+    tokens_c, tokens_r = rng.randint(5, 400, size=n), rng.randint(5, 400, size=n)
+    lc, lr = np.log1p(tokens_c), np.log1p(tokens_r)
+    quality_c, quality_r = rng.normal(size=n) + 0.9 * lc, rng.normal(size=n) + 0.9 * lr  # length-biased
+    other_c, other_r = rng.normal(size=n), rng.normal(size=n)
+    prompt = rng.normal(size=(n, 3))
+    R = make_frame({("chosen", "r", ("quality", "other")): np.c_[quality_c, other_c],
+                    ("rejected", "r", ("quality", "other")): np.c_[quality_r, other_r],
+                    ("prompt", "h", range(3)): prompt, ("chosen", "m", ("tokens",)): tokens_c,
+                    ("rejected", "m", ("tokens",)): tokens_r, ("prompt", "m", ("group",)): np.arange(n)})
+    dec = VerbosityDecorrelator(threshold=0.03).fit(R)
+    assert list(dec.objective_names_) == ["quality", "other", "verbosity"]
+    assert dec.lambdas_[0] > 0 and dec.spearman_after_[0] <= 0.03 < dec.spearman_before_[0]
+    out = dec.transform(R)
+    lay = read_layout(out, step="test")
+    assert lay.names("chosen", "r") == ["quality", "other", "verbosity"]
+    np.testing.assert_allclose(lay.block(out, "prompt", "h", np.float64), prompt)  # carried through
+    v = (lc - dec.length_mean_) / dec.length_scale_
+    np.testing.assert_allclose(out["chosen:r:quality"], quality_c - dec.lambdas_[0] * v, rtol=1e-6)
+    dropped = VerbosityDecorrelator(drop_verbosity=True).fit(R).transform(R)
+    assert read_layout(dropped, step="test").names("rejected", "r") == ["quality", "other"]
+    with pytest.raises(ValueError, match="token counts"):
+        VerbosityDecorrelator().fit(R.drop(columns=["chosen:m:tokens"]))

@@ -3,6 +3,16 @@ import pytest
 from scipy.stats import spearmanr
 
 from rmkit._dmoerm import CapabilityAggregator
+from rmkit.layout import make_frame
+
+
+def _pairs_frame(X):
+    m = X.shape[1] // 2
+    return make_frame({("chosen", "h", range(m)): X[:, :m], ("rejected", "h", range(m)): X[:, m:]})
+
+
+def _rows_frame(h):
+    return make_frame({("response", "h", range(h.shape[1])): h})
 
 # --- phase 3 alone: the aggregator over concatenated expert features ------------------------------
 
@@ -30,46 +40,47 @@ def test_aggregator_learns_a_known_mix_of_capabilities():
     X, _, _, _ = _mixed_capabilities(400, 0)
     Xt, ht, overall, cap_correct = _mixed_capabilities(400, 1)
     agg = CapabilityAggregator(hidden_size=16, lr=0.01, max_epochs=10, validation_fraction=None,
-                               random_state=0).fit(X)
-    acc = float((agg.predict(Xt) > 0.5).mean())
+                               random_state=0).fit(_pairs_frame(X))
+    acc = agg.score(_pairs_frame(Xt))
     best_single = float(cap_correct.mean(0).max())
     assert acc > 0.9 and acc > best_single + 0.1
-    assert spearmanr(agg.predict(ht), overall).statistic > 0.9
+    assert spearmanr(agg.predict(_rows_frame(ht)), overall).statistic > 0.9
     # Neutralising an expert's block hurts in proportion to its weight in the mix.
     drops = []
     for k in range(3):
         ablated = ht.copy()
         ablated[:, k * 4:(k + 1) * 4] = agg.mean_[k * 4:(k + 1) * 4]
-        drops.append(1 - spearmanr(agg.predict(ablated), overall).statistic)
+        drops.append(1 - spearmanr(agg.predict(_rows_frame(ablated)), overall).statistic)
     assert drops[0] > drops[1] > drops[2]
 
 
 def test_aggregator_is_reproducible_and_batch_invariant():
     X, h, _, _ = _mixed_capabilities(100, 0)
-    a = CapabilityAggregator(hidden_size=8, max_epochs=3, random_state=0).fit(X)
-    b = CapabilityAggregator(hidden_size=8, max_epochs=3, random_state=0).fit(X)
-    np.testing.assert_array_equal(a.predict(h), b.predict(h))
-    whole = a.predict(h)
-    parts = np.concatenate([a.predict(h[:7]), a.predict(h[7:])])
+    P = _pairs_frame(X)
+    a = CapabilityAggregator(hidden_size=8, max_epochs=3, random_state=0).fit(P)
+    b = CapabilityAggregator(hidden_size=8, max_epochs=3, random_state=0).fit(P)
+    np.testing.assert_array_equal(a.predict(_rows_frame(h)), b.predict(_rows_frame(h)))
+    whole = a.predict(_rows_frame(h))
+    parts = np.concatenate([a.predict(_rows_frame(h[:7])), a.predict(_rows_frame(h[7:]))])
     np.testing.assert_allclose(whole, parts, rtol=1e-6, atol=1e-6)
-    pair_scores = a.decision_function(X)
+    pair_scores = a.reward_pairs(P)
     assert pair_scores.shape == (100, 2)
-    np.testing.assert_allclose(a.predict(X), 1 / (1 + np.exp(pair_scores[:, 1] - pair_scores[:, 0])))
+    np.testing.assert_allclose(a.predict_proba(P)[:, 1], 1 / (1 + np.exp(pair_scores[:, 1] - pair_scores[:, 0])))
 
 
 def test_aggregator_bad_inputs():
     X, h, _, _ = _mixed_capabilities(20, 0)
-    with pytest.raises(ValueError, match="even number of columns"):
-        CapabilityAggregator(max_epochs=1).fit(X[:, :-1])
+    with pytest.raises(TypeError, match="feature frame"):
+        CapabilityAggregator(max_epochs=1).fit(X)
     with pytest.raises(ValueError, match="identical chosen and rejected"):
-        CapabilityAggregator(max_epochs=1).fit(np.hstack([h, h]))
-    agg = CapabilityAggregator(max_epochs=1, validation_fraction=None).fit(X)
-    with pytest.raises(ValueError, match="expected 12 .* or 24"):
-        agg.predict(h[:, :5])
-    with pytest.raises(ValueError, match="NaN"):
-        agg.predict(np.full((2, 12), np.nan))
+        CapabilityAggregator(max_epochs=1).fit(_pairs_frame(np.hstack([h, h])))
+    with pytest.raises(ValueError, match="needs preference pairs"):
+        CapabilityAggregator(max_epochs=1).fit(_rows_frame(h))
+    agg = CapabilityAggregator(max_epochs=1, validation_fraction=None).fit(_pairs_frame(X))
+    with pytest.raises(ValueError, match="fitted on 12 hidden-state features"):
+        agg.predict(_rows_frame(h[:, :5]))
     with pytest.raises(ValueError, match="validation_fraction"):
-        CapabilityAggregator(validation_fraction=1.5).fit(X)
+        CapabilityAggregator(validation_fraction=1.5).fit(_pairs_frame(X))
 
 
 # --- the inner model and the double layer on the tiny backbone -----------------------------------
@@ -97,23 +108,29 @@ def _experts(tiny, **kw):
 FAST_AGG = dict(hidden_size=8, max_epochs=2, validation_fraction=None, random_state=0)
 
 
-def test_moe_phases_use_disjoint_splits(tiny):
+def test_moe_phases_use_disjoint_prompt_splits(tiny):
+    from rmkit.model_selection import prompt_groups
+
     X = _labelled(20)
     moe = CapabilityMoE(["brevity", "correctness"], experts=_experts(tiny),
                         aggregator=CapabilityAggregator(**FAST_AGG), random_state=0).fit(X)
-    assert len(moe.expert_rows_) == 12 and len(moe.aggregator_rows_) == 8  # the paper's 60/40
-    assert not set(moe.expert_rows_) & set(moe.aggregator_rows_)
+    groups = prompt_groups(X)
+    n_prompts = len(set(groups))
+    assert len(set(groups[moe.expert_rows_])) == round(0.6 * n_prompts)  # the paper's 60/40, by prompt
+    assert not set(groups[moe.expert_rows_]) & set(groups[moe.aggregator_rows_])  # no prompt in both phases
+    assert len(moe.expert_rows_) + len(moe.aggregator_rows_) == 20
     labelled_math = int((X.iloc[moe.expert_rows_]["task"] == "math").sum())
-    assert moe.n_labels_ == {"brevity": 12, "correctness": labelled_math}
-    assert moe.aggregator_.n_features_in_ == 2 * 64  # two experts' hidden states, concatenated
+    assert moe.n_labels_ == {"brevity": len(moe.expert_rows_), "correctness": labelled_math}
+    assert moe.aggregator_.n_features_ == 2 * 64  # two experts' hidden states, concatenated
     pointwise = X[["prompt", "chosen"]].rename(columns={"chosen": "response"})
     expl = moe.explain(pointwise)
     assert list(expl.columns) == ["reward", "brevity", "correctness"]
     np.testing.assert_allclose(expl["brevity"], moe.experts_.predict(pointwise)[:, 0], rtol=1e-5)
-    pair_p = moe.predict(X)
+    pair_p = moe.predict_proba(X)[:, 1]
     rc = moe.predict(pointwise)
     rr = moe.predict(X[["prompt", "rejected"]].rename(columns={"rejected": "response"}))
     np.testing.assert_allclose(pair_p, 1 / (1 + np.exp(rr - rc)), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(moe.predict(X), (rc > rr).astype(int))
 
 
 def test_moe_labels_from_ratings_and_from_a_judge(tiny):
@@ -146,14 +163,14 @@ def test_moe_bad_inputs(tiny):
         CapabilityMoE(["brevity", "style"], **kw).fit(X)
     with pytest.raises(ValueError, match="must be \\+1, -1 or NaN; found 0.0"):
         CapabilityMoE(["brevity"], **kw).fit(X.assign(brevity=0.0))
-    with pytest.raises(ValueError, match="'correctness' has no label among the 12 pairs"):
+    with pytest.raises(ValueError, match="'correctness' has no label among the 1[0-9] pairs"):
         CapabilityMoE(["correctness"], **kw).fit(X.assign(correctness=np.nan))
     with pytest.raises(ValueError, match="needs 'chosen' and 'rejected'"):
         CapabilityMoE(["brevity"], **kw).fit(X[["prompt", "chosen"]].rename(columns={"chosen": "response"}))
     with pytest.raises(ValueError, match="expert_fraction must lie in"):
         CapabilityMoE(["brevity"], expert_fraction=1.0, **{k: v for k, v in kw.items()}).fit(X)
     with pytest.raises(ValueError, match="too few to split"):
-        CapabilityMoE(["brevity"], **kw).fit(X.head(3))
+        CapabilityMoE(["brevity"], **kw).fit(X.head(1))  # one prompt cannot be split by prompt
 
 
 def test_phase1_merge_reproduces_the_task_adapter(tiny, tmp_path):
@@ -163,9 +180,10 @@ def test_phase1_merge_reproduces_the_task_adapter(tiny, tmp_path):
     folder = merge_task_adapter(rm, root=tmp_path)
     assert merge_task_adapter(rm, root=tmp_path) == folder  # content-addressed: reused
     rows = X[["prompt", "chosen"]].rename(columns={"chosen": "response"})
-    merged = BackboneFeaturizer(folder, max_length=64, cache=False, verbose=0).fit().transform(rows)[:, :64]
-    base = BackboneFeaturizer(tiny, max_length=64, cache=False, verbose=0).fit().transform(rows)[:, :64]
-    adapted = rm.transform(rows)
+    merged = BackboneFeaturizer(folder, max_length=64, cache=False, verbose=0).fit().transform(rows)
+    base = BackboneFeaturizer(tiny, max_length=64, cache=False, verbose=0).fit().transform(rows)
+    merged, base = (F.filter(like="response:h:").to_numpy() for F in (merged, base))
+    adapted = rm.transform(rows).filter(like="response:h:").to_numpy()
     np.testing.assert_allclose(merged, adapted, rtol=1e-4, atol=1e-4)
     assert np.abs(merged - base).max() > 1e-3  # the adapter really changed the backbone
 
@@ -212,8 +230,9 @@ def test_dmoerm_routes_and_each_task_model_sees_only_its_rows(tiny, tmp_path):
     save(model, tmp_path / "dmoerm")
     for copy in (pickle.loads(pickle.dumps(model)), load(tmp_path / "dmoerm")):
         np.testing.assert_allclose(copy.predict(test), model.predict(test), rtol=1e-6)
+    np.testing.assert_allclose(model.predict_for_tasks(rows, test["task"]), model.predict(rows), rtol=1e-6)
     with pytest.raises(ValueError, match=r"Unknown task\(s\) \['poetry'\]"):
-        model.predict(test, tasks=["poetry"] * 15)
+        model.predict_for_tasks(test, ["poetry"] * 15)
     with pytest.raises(ValueError, match=r"Unknown task\(s\) \['poetry'\]"):
         model.routing_accuracy(test.assign(task="poetry"))
 

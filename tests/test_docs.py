@@ -21,7 +21,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-PUBLIC_MODULES = ["rmkit", "rmkit.metrics", "rmkit.datasets", "rmkit.plotting", "rmkit.testing"]
+PUBLIC_MODULES = ["rmkit", "rmkit.metrics", "rmkit.datasets", "rmkit.plotting", "rmkit.testing", "rmkit.layout",
+                  "rmkit.model_selection"]
 
 def _installed(module):
     try:

@@ -108,16 +108,23 @@ def test_trunk_training_equals_full_training(tiny):
 def test_transform_layout_is_the_aggregator_input(fitted):
     X, _ = make_capability_pairs(5, seed=4)
     K, H = fitted.n_experts_, fitted.hidden_size_
-    Z = fitted.transform(X)
-    assert Z.shape == (5, 2 * K * H)
+    Z = fitted.transform(X)  # a feature frame: chosen:h:{expert}.{i}, rejected:h:..., prompt:m:group
+    assert Z.shape == (5, 2 * K * H + 1) and Z.columns[0] == f"chosen:h:{fitted.expert_names_[0]}.0"
     chosen = pd.DataFrame({"messages": X["messages"], "response": X["chosen"]})
-    Zc = fitted.transform(chosen)
+    Zc = fitted.transform(chosen).filter(like="response:h:").to_numpy()
     assert Zc.shape == (5, K * H)
-    np.testing.assert_allclose(Z.reshape(5, 2, K, H)[:, 0], Zc.reshape(5, K, H), atol=1e-5)
+    np.testing.assert_allclose(Z.filter(like="chosen:h:").to_numpy().reshape(5, K, H), Zc.reshape(5, K, H), atol=1e-5)
     # expert blocks differ: each block comes from its own adapter
     assert np.abs(Zc[:, :H] - Zc[:, H:]).max() > 1e-3
     rewards = fitted.predict(chosen)
     assert rewards.shape == (5, K)
+    as_objectives = fitted.set_params(output="rewards")
+    try:
+        R = as_objectives.transform(chosen)
+        assert [c for c in R.columns if ":r:" in c] == [f"response:r:{e}" for e in fitted.expert_names_]
+        np.testing.assert_allclose(R.filter(like="response:r:").to_numpy(), rewards, rtol=1e-5)
+    finally:
+        fitted.set_params(output="hidden")
 
 
 def test_pointwise_ratings_per_capability(tiny):
@@ -186,5 +193,5 @@ def test_single_expert_matches_the_regressor(tiny):
     one = experts(tiny, max_epochs=2).fit(X, {"r": np.ones(8)})
     reg = LoRAExpertRegressor(tiny, rank=4, alpha=8, dropout=0.0, lr=5e-3, max_epochs=2, batch_size=8, layers=2,
                               random_state=0, verbose=0).fit(X)
-    np.testing.assert_allclose(one.predict(X)[:, 0], reg.predict(X), atol=1e-4)
-    np.testing.assert_allclose(one.transform(X), reg.transform(X), atol=1e-4)
+    np.testing.assert_allclose(one.predict(X)[:, 0], reg.predict_proba(X)[:, 1], atol=1e-4)
+    np.testing.assert_allclose(one.transform(X).to_numpy(), reg.transform(X).to_numpy(), atol=1e-4)

@@ -24,6 +24,11 @@ def _pairs(n=12):
     })
 
 
+def _h(F):
+    """The hidden-state blocks of a feature frame as one array (sides, then the prompt)."""
+    return F[[c for c in F.columns if ":h:" in c]].to_numpy()
+
+
 def _pointwise(pairs):
     return pd.DataFrame({"prompt": pairs["prompt"], "response": pairs["chosen"]})
 
@@ -43,8 +48,7 @@ def _reference(path, prompt, response, layer=-1):
 def test_features_match_an_unbatched_reference_pass(tiny):
     pairs = _pairs(6)
     feats = BackboneFeaturizer(tiny, cache=False, verbose=0, batch_size=4).fit(pairs)
-    X = feats.transform(pairs)
-    blocks = split_feature_blocks(X, D, "pairs")
+    blocks = split_feature_blocks(feats.transform(pairs))
     for i in (0, 5):
         np.testing.assert_allclose(blocks["chosen"][i], _reference(tiny, pairs.prompt[i], pairs.chosen[i]), atol=1e-4)
         np.testing.assert_allclose(blocks["rejected"][i], _reference(tiny, pairs.prompt[i], pairs.rejected[i]),
@@ -54,7 +58,7 @@ def test_features_match_an_unbatched_reference_pass(tiny):
 @pytest.mark.parametrize("layer", [2, -2])
 def test_intermediate_layer_matches_hidden_states(tiny, layer):
     pairs = _pairs(3)
-    X = BackboneFeaturizer(tiny, layer=layer, cache=False, verbose=0).fit_transform(_pointwise(pairs))
+    X = _h(BackboneFeaturizer(tiny, layer=layer, cache=False, verbose=0).fit_transform(_pointwise(pairs)))
     np.testing.assert_allclose(X[2, :D], _reference(tiny, pairs.prompt[2], pairs.chosen[2], layer), atol=1e-4)
 
 
@@ -62,13 +66,13 @@ def test_batch_invariance_across_batch_sizes_and_padding_side(tiny):
     pairs = _pairs(32)
     pw = _pointwise(pairs)
     alone = BackboneFeaturizer(tiny, cache=False, verbose=0, batch_size=1).fit(pw)
-    ref = np.vstack([alone.transform(pw.iloc[[i]]) for i in (0, 7, 31)])
+    ref = np.vstack([_h(alone.transform(pw.iloc[[i]])) for i in (0, 7, 31)])
     tok = load_tokenizer(tiny)
     try:
         for side in ("left", "right"):
             tok.padding_side = side
             for bs in (1, 2, 5, 8, 32):
-                X = BackboneFeaturizer(tiny, cache=False, verbose=0, batch_size=bs).fit_transform(pw)
+                X = _h(BackboneFeaturizer(tiny, cache=False, verbose=0, batch_size=bs).fit_transform(pw))
                 np.testing.assert_allclose(X[[0, 7, 31]], ref, atol=1e-4, err_msg=f"batch_size={bs}, {side}")
     finally:
         tok.padding_side = "right"
@@ -78,11 +82,11 @@ def test_prompt_sharing_equals_separate_passes(tiny):
     pairs = _pairs(10)
     shared = BackboneFeaturizer(tiny, cache=False, verbose=0, batch_size=4).fit(pairs)
     separate = BackboneFeaturizer(tiny, cache=False, verbose=0, batch_size=4, share_prompts=False).fit(pairs)
-    A, B = shared.transform(pairs), separate.transform(pairs)
+    A, B = _h(shared.transform(pairs)), _h(separate.transform(pairs))
     np.testing.assert_allclose(A, B, atol=1e-4)
     assert shared.last_stats_["real_tokens"] < separate.last_stats_["real_tokens"]  # prompts ran once
     # and pair features equal pointwise features of each side
-    P = shared.transform(pd.DataFrame({"prompt": pairs.prompt, "response": pairs.rejected}))
+    P = _h(shared.transform(pd.DataFrame({"prompt": pairs.prompt, "response": pairs.rejected})))
     np.testing.assert_allclose(A[:, D:2 * D], P[:, :D], atol=1e-4)
     np.testing.assert_allclose(A[:, 2 * D:], P[:, D:], atol=1e-4)
 
@@ -95,14 +99,14 @@ def test_prompt_feature_is_hidden_state_at_end_of_prompt(tiny):
     ids = tok(text, add_special_tokens=False, return_tensors="pt")
     with torch.no_grad():
         expected = model(**ids).last_hidden_state[0, -1].numpy()
-    X = BackboneFeaturizer(tiny, cache=False, verbose=0).fit_transform([{"prompt": prompt, "response": "Blue."}])
+    X = _h(BackboneFeaturizer(tiny, cache=False, verbose=0).fit_transform([{"prompt": prompt, "response": "Blue."}]))
     np.testing.assert_allclose(X[0, D:], expected, atol=1e-4)
 
 
 def test_mean_pooling_averages_response_tokens(tiny):
     rows = [{"prompt": "Hi", "response": "Hello there, friend."}]
-    last = BackboneFeaturizer(tiny, cache=False, verbose=0).fit_transform(rows)
-    mean = BackboneFeaturizer(tiny, pooling="mean", cache=False, verbose=0).fit_transform(rows)
+    last = _h(BackboneFeaturizer(tiny, cache=False, verbose=0).fit_transform(rows))
+    mean = _h(BackboneFeaturizer(tiny, pooling="mean", cache=False, verbose=0).fit_transform(rows))
     assert not np.allclose(last[0, :D], mean[0, :D])
     np.testing.assert_allclose(last[0, D:], mean[0, D:], atol=1e-5)  # prompt feature unaffected
 
@@ -110,9 +114,9 @@ def test_mean_pooling_averages_response_tokens(tiny):
 def test_cache_hit_is_identical_and_changed_setting_misses(tiny, feature_cache):
     pairs = _pairs(5)
     f = BackboneFeaturizer(tiny, cache=feature_cache, verbose=0).fit(pairs)
-    first = f.transform(pairs)
+    first = _h(f.transform(pairs))
     assert f.last_stats_["cache_hits"] == 0
-    second = f.transform(pairs)
+    second = _h(f.transform(pairs))
     assert f.last_stats_["cache_hits"] == 10 and f.last_stats_["real_tokens"] == 0
     np.testing.assert_array_equal(first, second)
     for change in ({"layer": 2}, {"pooling": "mean"}, {"max_length": 80}):
@@ -126,11 +130,11 @@ def test_cache_hit_is_identical_and_changed_setting_misses(tiny, feature_cache):
 
 def test_partial_cache_hits_and_duplicates_land_in_the_right_rows(tiny, feature_cache):
     pairs = _pairs(6)
-    expected = BackboneFeaturizer(tiny, cache=False, verbose=0).fit(pairs).transform(pairs)
+    expected = _h(BackboneFeaturizer(tiny, cache=False, verbose=0).fit(pairs).transform(pairs))
     f = BackboneFeaturizer(tiny, cache=feature_cache, verbose=0).fit(pairs)
     f.transform(pairs.iloc[[4, 1]])  # some rows cached, others not
     mixed = pd.concat([pairs, pairs.iloc[[2, 2]]], ignore_index=True)  # row 2 three times
-    got = f.transform(mixed)
+    got = _h(f.transform(mixed))
     assert f.last_stats_["cache_hits"] == 4
     np.testing.assert_allclose(got[:6], expected, atol=1e-5)
     np.testing.assert_array_equal(got[6], got[2])
@@ -148,10 +152,10 @@ def test_slices_give_the_same_features_and_keep_prompt_sharing(tiny, monkeypatch
 
     X = _pairs(7) if kind == "pairs" else _pointwise(_pairs(7))
     f = BackboneFeaturizer(tiny, cache=False, verbose=0).fit(X)
-    whole = f.transform(X)
+    whole = _h(f.transform(X))
     tokens = f.last_stats_["real_tokens"]
     monkeypatch.setattr(featurizer_module, "_SLICE", 4)  # 2 pairs or 4 rows per slice
-    np.testing.assert_allclose(f.transform(X), whole, atol=1e-5)
+    np.testing.assert_allclose(_h(f.transform(X)), whole, atol=1e-5)
     assert f.last_stats_["real_tokens"] == tokens  # each prompt still runs once
 
 
@@ -184,11 +188,11 @@ def test_truncation_is_reported(tiny):
 def test_messages_column_and_fallback_template(tiny):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Name a fruit"}]
-    X = BackboneFeaturizer(tiny, cache=False, verbose=0).fit_transform(
-        pd.DataFrame({"messages": [msgs], "response": ["Apple"]}))
+    X = _h(BackboneFeaturizer(tiny, cache=False, verbose=0).fit_transform(
+        pd.DataFrame({"messages": [msgs], "response": ["Apple"]})))
     assert X.shape == (1, 2 * D) and np.isfinite(X).all()
     plain = tiny_backbone(chat_template=False)
-    Y = BackboneFeaturizer(plain, cache=False, verbose=0).fit_transform([{"prompt": "Hi", "response": "Hello"}])
+    Y = _h(BackboneFeaturizer(plain, cache=False, verbose=0).fit_transform([{"prompt": "Hi", "response": "Hello"}]))
     tok = AutoTokenizer.from_pretrained(plain)
     ids = tok("### User:\nHi\n\n### Assistant:\nHello<|im_end|>", add_special_tokens=False, return_tensors="pt")
     with torch.no_grad():
@@ -246,26 +250,28 @@ def test_sklearn_protocol_and_pickle_without_weights(tiny):
     assert clone(f).get_params() == f.get_params()
     assert f.fit(_pairs(2)) is f
     names = f.get_feature_names_out()
-    assert len(names) == 3 * D and names[0] == "chosen_0" and names[-1] == f"prompt_{D - 1}"
+    assert len(names) == 3 * D + 3 and names[0] == "chosen:h:0" and names[3 * D - 1] == f"prompt:h:{D - 1}"
+    assert list(names[-3:]) == ["chosen:m:tokens", "rejected:m:tokens", "prompt:m:group"]
+    assert list(f.transform(_pairs(2)).columns) == list(names)  # the names are the output's columns
     blob = pickle.dumps(f)
     assert len(blob) < 10_000  # parameters and fitted attributes, not weights
     g = pickle.loads(blob)
-    np.testing.assert_array_equal(g.transform(_pairs(2)), f.transform(_pairs(2)))
+    np.testing.assert_array_equal(_h(g.transform(_pairs(2))), _h(f.transform(_pairs(2))))
 
 
 def test_features_do_not_depend_on_the_order_of_rows(tiny):
     pw = _pointwise(_pairs(9))
     f = BackboneFeaturizer(tiny, cache=False, verbose=0, batch_size=3).fit()
     perm = np.random.default_rng(0).permutation(9)
-    np.testing.assert_allclose(f.transform(pw)[perm], f.transform(pw.iloc[perm]), atol=1e-4)
+    np.testing.assert_allclose(_h(f.transform(pw))[perm], _h(f.transform(pw.iloc[perm])), atol=1e-4)
 
 
 @requires_embedded
 def test_embedded_backbone_loads_offline_and_is_deterministic(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     rows = [{"prompt": "What is 2+2?", "response": "4"}, {"prompt": "Say hi", "response": "Hi!"}]
-    a = BackboneFeaturizer(cache=False, verbose=0).fit_transform(rows)
-    b = BackboneFeaturizer(cache=False, verbose=0).fit_transform(rows)
+    a = _h(BackboneFeaturizer(cache=False, verbose=0).fit_transform(rows))
+    b = _h(BackboneFeaturizer(cache=False, verbose=0).fit_transform(rows))
     assert a.shape == (2, 2 * 576)
     np.testing.assert_array_equal(a, b)
     tok = load_tokenizer("smollm2-135m-instruct")

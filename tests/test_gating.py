@@ -1,21 +1,22 @@
 import numpy as np
 import pytest
+import torch
+from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV
 
 from rmkit import GatedScalarizer
-from rmkit.metrics import pairwise_scorer
+from rmkit.layout import make_frame
+from rmkit.model_selection import PromptGroupKFold, prompt_groups
 
-# scikit-learn's check_estimator does not apply to GatedScalarizer: its input is a structured
-# [rewards | prompt] layout, it trains on preference pairs and has no target y (see its Notes).
-
-
+# scikit-learn's check_estimator does not apply to GatedScalarizer: its input is a feature frame with named
+# objective and prompt blocks, and it trains on preference pairs (see its Notes).
 
 FAST = dict(hidden_size=16, n_hidden_layers=1, batch_size=64, lr=5e-2, max_epochs=20, validation_fraction=None)
 
 
-def two_kinds(n, seed, d=6):
-    """Prompts of two kinds; kind 0 prefers by objective 0, kind 1 by objective 1."""
+def two_kinds(n, seed, d=6, per_prompt=2):
+    """Pairs of two prompt kinds; kind 0 prefers by objective 0, kind 1 by objective 1."""
     rng = np.random.RandomState(seed)
     kind = rng.randint(0, 2, n)
     prompt = rng.normal(size=(n, d))
@@ -23,98 +24,156 @@ def two_kinds(n, seed, d=6):
     a, b = rng.normal(size=(n, 2)), rng.normal(size=(n, 2))
     a_wins = (a[np.arange(n), kind] > b[np.arange(n), kind])[:, None]
     chosen, rejected = np.where(a_wins, a, b), np.where(a_wins, b, a)
-    return np.hstack([chosen, rejected, prompt]).astype(np.float32), kind
+    frame = make_frame({("chosen", "r", ("a", "b")): chosen, ("rejected", "r", ("a", "b")): rejected,
+                        ("prompt", "h", range(d)): prompt,
+                        ("prompt", "m", ("group",)): seed * 10**6 + np.arange(n) // per_prompt})
+    return frame, kind
+
+
+def responses(frame, side="chosen"):
+    d = sum(c.startswith("prompt:h:") for c in frame.columns)
+    return make_frame({("response", "r", ("a", "b")): frame[[f"{side}:r:a", f"{side}:r:b"]].to_numpy(),
+                       ("prompt", "h", range(d)): frame.filter(like="prompt:h:").to_numpy()})
 
 
 @pytest.fixture(scope="module")
 def fitted():
     X, _ = two_kinds(400, seed=0)
-    return GatedScalarizer(n_objectives=2, random_state=0, **FAST).fit(X)
+    return GatedScalarizer(random_state=0, **FAST).fit(X)
 
 
 def test_gating_learns_per_prompt_weighting(fitted):
     X, kind = two_kinds(600, seed=1)
-    acc = np.mean(fitted.predict(X) > 0.5)
-    fixed = max(np.mean(X[:, :2] @ [w, 1 - w] > X[:, 2:4] @ [w, 1 - w]) for w in np.linspace(0, 1, 101))
+    acc = fitted.score(X)
+    R = X.to_numpy()
+    fixed = max(np.mean(R[:, :2] @ [w, 1 - w] > R[:, 2:4] @ [w, 1 - w]) for w in np.linspace(0, 1, 101))
     assert fixed < 0.8 and acc > fixed + 0.12
-    gates = fitted.explain(np.hstack([X[:, :2], X[:, 4:]]))["gating_weights"]
+    gates = fitted.explain(responses(X))["gating_weights"]
     assert gates[kind == 0, 0].mean() > 0.8 and gates[kind == 1, 1].mean() > 0.8
+
+
+def test_pair_contract_predict_proba_decision_function_and_stock_scorers(fitted):
+    X, _ = two_kinds(200, seed=2)
+    scores = np.c_[fitted.predict(responses(X, "chosen")), fitted.predict(responses(X, "rejected"))]
+    margin = fitted.decision_function(X)
+    np.testing.assert_allclose(margin, scores[:, 0] - scores[:, 1], atol=1e-5)
+    proba = fitted.predict_proba(X)
+    np.testing.assert_allclose(proba[:, 1], 1 / (1 + np.exp(-margin)), atol=1e-6)
+    np.testing.assert_allclose(proba.sum(1), 1)
+    np.testing.assert_array_equal(fitted.predict(X), (margin > 0).astype(int))
+    assert fitted.score(X) == pytest.approx(np.mean(margin > 0))
+    from sklearn.metrics import get_scorer
+
+    y = np.r_[np.ones(100), np.zeros(100)].astype(int)  # the second half claims 'rejected' is preferred
+    assert get_scorer("accuracy")(fitted, X, y) == pytest.approx(np.mean((margin > 0) == (y == 1)))
+    auc = get_scorer("roc_auc")(fitted, X, y)
+    from sklearn.metrics import roc_auc_score
+
+    assert auc == pytest.approx(roc_auc_score(y, margin))
+    assert get_scorer("neg_log_loss")(fitted, X, y) < 0
+    with pytest.raises(ValueError, match="predict_proba needs preference pairs"):
+        fitted.predict_proba(responses(X))
 
 
 def test_gating_weights_and_explanations(fitted):
     X, _ = two_kinds(50, seed=2)
-    rows = np.hstack([X[:, :2], X[:, 4:]])
+    rows = responses(X)
     out = fitted.explain(rows)
     g = out["gating_weights"]
     assert np.all(g >= 0) and np.allclose(g.sum(axis=1), 1, atol=1e-6)
     np.testing.assert_allclose((out["rewards"] * out["coefficients"]).sum(1), out["score"], atol=1e-5)
     np.testing.assert_allclose(out["score"], fitted.predict(rows), atol=1e-6)
-    frame = fitted.explain_frame(rows, ["a", "b"])
+    frame = fitted.explain_frame(rows)
     assert len(frame) == 100 and list(frame["objective"][:2]) == ["a", "b"]
     np.testing.assert_allclose(frame.groupby("row")["contribution"].sum(), out["score"], atol=1e-5)
     np.testing.assert_allclose(frame.groupby("row")["gating_weight"].sum(), 1, atol=1e-6)
+    entropy = fitted.gate_entropy(rows)
+    assert entropy.shape == (50,) and np.all((entropy >= 0) & (entropy <= np.log(2) + 1e-9))
 
 
-def test_transform_is_used_identically_in_training_and_inference():
-    X, _ = two_kinds(200, seed=3)
-    T = np.array([[1.0, 0.0, 0.5], [-0.7, 1.0, 0.5]])  # 2 objectives -> 3 gated ones
-    with_T = GatedScalarizer(transform=T, random_state=0, **FAST).fit(X)
-    # the same net trained on rewards already multiplied by T must be the same model
-    XT = np.hstack([X[:, :2] @ T, X[:, 2:4] @ T, X[:, 4:]]).astype(np.float32)
-    pre = GatedScalarizer(n_objectives=3, random_state=0, **FAST).fit(XT)
-    np.testing.assert_allclose(with_T.predict(X), pre.predict(XT), atol=1e-4)
-    rows = np.hstack([X[:, :2], X[:, 4:]])
-    out = with_T.explain(rows)
-    beta = float(with_T.module_.beta.detach())
-    np.testing.assert_allclose(out["score"], beta * (out["gating_weights"] * (out["rewards"] @ T)).sum(1), atol=1e-5)
-    np.testing.assert_allclose(out["coefficients"], beta * out["gating_weights"] @ T.T, atol=1e-5)
-
-
-def test_batch_size_invariance_and_seeds(fitted):
+def test_batch_invariance_seeds_and_global_rng_untouched(fitted):
     X, _ = two_kinds(97, seed=4)
-    p = fitted.predict(X)
-    for bs in (1, 7, 1000):
-        fitted.set_params(batch_size=bs)
-        np.testing.assert_allclose(fitted.predict(X), p, atol=1e-6)
-    fitted.set_params(batch_size=FAST["batch_size"])
+    p = fitted.decision_function(X)
+    np.testing.assert_allclose(np.concatenate([fitted.decision_function(X.iloc[i:i + 7]) for i in range(0, 97, 7)]),
+                               p, atol=1e-6)
     Xtr, _ = two_kinds(200, seed=0)
-    a = GatedScalarizer(n_objectives=2, random_state=7, **FAST).fit(Xtr).predict(X)
-    b = GatedScalarizer(n_objectives=2, random_state=7, **FAST).fit(Xtr).predict(X)
-    c = GatedScalarizer(n_objectives=2, random_state=8, **FAST).fit(Xtr).predict(X)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = GatedScalarizer(random_state=7, **FAST).fit(Xtr).decision_function(X)
+    assert torch.rand(1) == before  # fit does not reseed torch's global generator
+    b = GatedScalarizer(random_state=7, **FAST).fit(Xtr).decision_function(X)
+    c = GatedScalarizer(random_state=8, **FAST).fit(Xtr).decision_function(X)
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
+    rs = GatedScalarizer(random_state=np.random.RandomState(3), **FAST)
+    np.testing.assert_array_equal(clone(rs).fit(Xtr).decision_function(X), clone(rs).fit(Xtr).decision_function(X))
 
 
-def test_early_stopping_and_hyperparameter_search():
-    X, _ = two_kinds(300, seed=5)
-    net = GatedScalarizer(n_objectives=2, random_state=0, **{**FAST, "validation_fraction": 0.2, "patience": 2,
-                                                             "max_epochs": 300, "lr": 0.1}).fit(X)
-    assert len(net.history) < 300 and "valid_loss" in net.history[-1]
-    grid = GridSearchCV(GatedScalarizer(n_objectives=2, random_state=0, **FAST),
-                        {"temperature": [0.5, 3.0], "beta_init": [2.0]}, scoring=pairwise_scorer, cv=2)
-    grid.fit(X, np.ones(len(X)))  # y is ignored by the net; the scorer needs one
+def test_early_stopping_splits_by_prompt_and_hyperparameter_search(monkeypatch):
+    X, _ = two_kinds(300, seed=5, per_prompt=3)
+    from rmkit.model_selection import _validation
+
+    seen = []
+    original = _validation.PromptGroupValidSplit.indices
+
+    def spy(self, n):
+        train, valid = original(self, n)
+        seen.append((np.asarray(self.groups)[train], np.asarray(self.groups)[valid]))
+        return train, valid
+
+    monkeypatch.setattr(_validation.PromptGroupValidSplit, "indices", spy)
+    net = GatedScalarizer(random_state=0, **{**FAST, "validation_fraction": 0.2, "patience": 2, "max_epochs": 300,
+                                             "lr": 0.1}).fit(X)
+    assert len(net.history_) < 300 and "valid_loss" in net.history_[-1]
+    assert seen and all(not set(tr) & set(va) for tr, va in seen)  # no prompt on both sides
+    grid = GridSearchCV(GatedScalarizer(random_state=0, **FAST), {"temperature": [0.5, 3.0], "beta_init": [2.0]},
+                        cv=PromptGroupKFold(2))
+    grid.fit(X)
     assert np.isfinite(grid.cv_results_["mean_test_score"]).all()
     best = grid.best_estimator_
     assert best.module_.temperature == grid.best_params_["temperature"]
     assert best.get_params()["beta_init"] == 2.0
+    groups = prompt_groups(X)
+    for train, test in PromptGroupKFold(2).split(X):
+        assert not set(groups[train]) & set(groups[test])
+
+
+def test_params_are_the_models_own_and_weights_matter():
+    gate = GatedScalarizer()
+    assert len(gate.get_params()) == 14 and "skorch" not in repr(gate)
+    X, _ = two_kinds(300, seed=9)
+    noisy = X.copy()
+    flip = np.arange(300) < 150  # half the pairs with their sides swapped: label noise
+    for o in ("a", "b"):
+        c, r = X[f"chosen:r:{o}"].to_numpy(), X[f"rejected:r:{o}"].to_numpy()
+        noisy[f"chosen:r:{o}"], noisy[f"rejected:r:{o}"] = np.where(flip, r, c), np.where(flip, c, r)
+    test, _ = two_kinds(300, seed=10)
+    plain = GatedScalarizer(random_state=0, **FAST).fit(noisy)
+    weighted = GatedScalarizer(random_state=0, **FAST).fit(noisy, sample_weight=np.where(flip, 0.0, 1.0))
+    assert weighted.score(test) > plain.score(test) + 0.1  # zero weight removes the noisy pairs' pull
 
 
 def test_bad_inputs():
     X, _ = two_kinds(40, seed=6)
+    one = make_frame({("chosen", "r", ("a",)): np.zeros(4), ("rejected", "r", ("a",)): np.ones(4),
+                      ("prompt", "h", range(2)): np.zeros((4, 2))})
     with pytest.raises(ValueError, match="at least two objectives"):
-        GatedScalarizer(n_objectives=1, **FAST).fit(X)
-    with pytest.raises(ValueError, match="n_objectives"):
-        GatedScalarizer(**FAST).fit(X)
+        GatedScalarizer(**FAST).fit(one)
     same = X.copy()
-    same[:, 2:4] = same[:, :2]
+    same[["rejected:r:a", "rejected:r:b"]] = same[["chosen:r:a", "chosen:r:b"]].to_numpy()
     with pytest.raises(ValueError, match="identical chosen and rejected"):
-        GatedScalarizer(n_objectives=2, **FAST).fit(same)
+        GatedScalarizer(**FAST).fit(same)
     with pytest.raises(ValueError, match="temperature"):
-        GatedScalarizer(n_objectives=2, temperature=0, **FAST).fit(X)
+        GatedScalarizer(temperature=0, **FAST).fit(X)
     with pytest.raises(NotFittedError):
-        GatedScalarizer(n_objectives=2).predict(X)
-    net = GatedScalarizer(n_objectives=2, **{**FAST, "max_epochs": 1}).fit(X)
-    with pytest.raises(ValueError, match="expected"):
-        net.predict(X[:, :-1])  # width matches neither layout
-    with pytest.raises(ValueError, match="expected"):
-        net.explain(X)  # explain takes single responses
+        GatedScalarizer().predict(X)
+    with pytest.raises(TypeError, match="feature frame"):
+        GatedScalarizer(**FAST).fit(X.to_numpy())
+    with pytest.raises(ValueError, match="needs preference pairs"):
+        GatedScalarizer(**FAST).fit(responses(X))
+    with pytest.raises(ValueError, match=r"needs the block 'prompt:h'"):
+        GatedScalarizer(**FAST).fit(X.drop(columns=[c for c in X.columns if c.startswith("prompt:h")]))
+    net = GatedScalarizer(**{**FAST, "max_epochs": 1}).fit(X)
+    with pytest.raises(ValueError, match="fitted on the objectives"):
+        net.predict(X.rename(columns={"chosen:r:b": "chosen:r:c", "rejected:r:b": "rejected:r:c"}))

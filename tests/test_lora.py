@@ -60,7 +60,7 @@ def test_bt_training_lowers_loss_and_raises_accuracy(tiny, fitted):
     assert losses[-1] < 0.5 * losses[0]
     acc_before, acc_after = untrained.score(test), fitted.score(test)
     assert acc_after >= 0.9 and acc_after > acc_before
-    p = fitted.predict(test)
+    p = fitted.predict_proba(test)[:, 1]
     assert p.shape == (16,) and ((p >= 0) & (p <= 1)).all()
 
 
@@ -87,19 +87,29 @@ def test_scores_do_not_depend_on_batch_size(tiny, fitted):
     reference = fitted.transform(X)
     other = copy.deepcopy(fitted).set_params(batch_size=1)
     np.testing.assert_allclose(other.transform(X), reference, atol=1e-4)
-    one = fitted.predict(X.iloc[[3]])
-    np.testing.assert_allclose(one, fitted.predict(X)[[3]], atol=1e-5)
+    one = fitted.predict_proba(X.iloc[[3]])[:, 1]
+    np.testing.assert_allclose(one, fitted.predict_proba(X)[:, 1][[3]], atol=1e-5)
 
 
 def test_transform_layout(tiny, fitted):
     X = make_pairs(5, seed=4)
-    Z = fitted.transform(X)
-    assert Z.shape == (5, 2 * fitted.hidden_size_)
+    Z = fitted.transform(X)  # a feature frame: chosen:h:*, rejected:h:*, prompt:m:group
+    H = fitted.hidden_size_
+    assert Z.shape == (5, 2 * H + 1) and list(Z.columns[[0, H, -1]]) == ["chosen:h:0", "rejected:h:0", "prompt:m:group"]
     chosen = pd.DataFrame({"messages": X["messages"], "response": X["chosen"]})
-    np.testing.assert_allclose(Z[:, : fitted.hidden_size_], fitted.transform(chosen), atol=1e-5)
+    np.testing.assert_allclose(Z.filter(like="chosen:h:").to_numpy(),
+                               fitted.transform(chosen).filter(like="response:h:").to_numpy(), atol=1e-5)
     rewards = fitted.predict(chosen)
     rejected = fitted.predict(pd.DataFrame({"messages": X["messages"], "response": X["rejected"]}))
-    np.testing.assert_allclose(fitted.predict(X), 1 / (1 + np.exp(rejected - rewards)), atol=1e-5)
+    np.testing.assert_allclose(fitted.predict_proba(X)[:, 1], 1 / (1 + np.exp(rejected - rewards)), atol=1e-5)
+    np.testing.assert_allclose(fitted.decision_function(X), rewards - rejected, atol=1e-5)
+    np.testing.assert_array_equal(fitted.predict(X), (rewards > rejected).astype(int))
+    as_objective = fitted.set_params(output="reward")
+    try:
+        R = as_objective.transform(X)
+        np.testing.assert_allclose(R["chosen:r:reward"] - R["rejected:r:reward"], rewards - rejected, atol=1e-5)
+    finally:
+        fitted.set_params(output="hidden")
 
 
 def test_shared_trunk_equals_full_pass(tiny):
@@ -113,7 +123,7 @@ def test_shared_trunk_equals_full_pass(tiny):
     # training: a model trained without the shared trunk reaches the same adapter
     full = rm(tiny, layers=2, shared_trunk=False).fit(X)
     assert not full.shared_trunk_
-    np.testing.assert_allclose(full.predict(test), trunk.predict(test), atol=1e-4)
+    np.testing.assert_allclose(full.predict_proba(test)[:, 1], trunk.predict_proba(test)[:, 1], atol=1e-4)
 
 
 def test_lora_never_touches_the_shared_backbone(tiny, fitted):
@@ -145,7 +155,7 @@ def test_joblib_roundtrip_keeps_only_adapter_and_head(tiny, fitted, tmp_path):
     path = tmp_path / "rm.joblib"
     joblib.dump(fitted, path)
     loaded = joblib.load(path)
-    np.testing.assert_array_equal(loaded.predict(X), fitted.predict(X))
+    np.testing.assert_array_equal(loaded.predict_proba(X)[:, 1], fitted.predict_proba(X)[:, 1])
     np.testing.assert_array_equal(loaded.transform(X), fitted.transform(X))
     state = fitted.__getstate__()["_saved_state"]
     keys = [k for sd in state["adapters"].values() for k in sd]
@@ -163,7 +173,7 @@ def test_state_saved_with_torch_loads_on_cpu(tiny, fitted):
     loaded = torch.load(buf, map_location="cpu", weights_only=False)
     state = pickle.loads(pickle.dumps(fitted)).__getstate__()["_saved_state"]
     assert all(t.device.type == "cpu" for sd in state["adapters"].values() for t in sd.values())
-    np.testing.assert_array_equal(loaded.set_params(device="cpu").predict(X), fitted.predict(X))
+    np.testing.assert_array_equal(loaded.set_params(device="cpu").predict_proba(X)[:, 1], fitted.predict_proba(X)[:, 1])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a machine without CUDA")
@@ -172,8 +182,8 @@ def test_model_saved_for_cuda_loads_on_a_cpu_only_machine(tiny, fitted):
     gpu_params = copy.deepcopy(fitted).set_params(device="cuda")  # as a model fitted on a GPU is saved
     loaded = pickle.loads(pickle.dumps(gpu_params))
     with pytest.warns(UserWarning, match="CUDA is not available"):
-        p = loaded.predict(X)
-    np.testing.assert_array_equal(p, fitted.predict(X))
+        p = loaded.predict_proba(X)[:, 1]
+    np.testing.assert_array_equal(p, fitted.predict_proba(X)[:, 1])
     assert loaded.device == "cpu"
 
 
@@ -183,7 +193,7 @@ def test_gpu_trained_model_predicts_on_cpu(tiny, tmp_path):
     gpu = rm(tiny, device="cuda").fit(X)
     joblib.dump(gpu, tmp_path / "gpu.joblib")
     cpu = joblib.load(tmp_path / "gpu.joblib").set_params(device="cpu")
-    np.testing.assert_allclose(cpu.predict(X), gpu.predict(X), atol=1e-4)
+    np.testing.assert_allclose(cpu.predict_proba(X)[:, 1], gpu.predict_proba(X)[:, 1], atol=1e-4)
 
 
 def test_refused_backbone_with_other_weights(tiny, fitted):
@@ -197,9 +207,9 @@ def test_gradient_accumulation_matches_a_larger_batch(tiny):
     X, test = make_pairs(16), make_pairs(6, seed=8)
     big = rm(tiny, batch_size=8, max_epochs=2, validation_fraction=0.0).fit(X)
     acc = rm(tiny, batch_size=4, accumulation_steps=2, max_epochs=2).fit(X)
-    np.testing.assert_allclose(acc.predict(test), big.predict(test), atol=2e-3)
+    np.testing.assert_allclose(acc.predict_proba(test)[:, 1], big.predict_proba(test)[:, 1], atol=2e-3)
     unacc = rm(tiny, batch_size=4, max_epochs=2).fit(X)
-    assert np.abs(unacc.predict(test) - big.predict(test)).max() > 1e-3  # the comparison can tell them apart
+    assert np.abs(unacc.predict_proba(test)[:, 1] - big.predict_proba(test)[:, 1]).max() > 1e-3  # the comparison can tell them apart
 
 
 def test_early_stopping_on_a_validation_split(tiny):

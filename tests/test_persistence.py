@@ -462,7 +462,7 @@ def _factory_decorrelator(tiny):
     rng = np.random.RandomState(0)
     length = rng.normal(size=50)
     R = np.c_[rng.normal(size=50) + 0.8 * length, length]
-    return rmkit.VerbosityDecorrelator().fit(R), R, "transform"
+    return rmkit.VerbosityDecorrelator(verbosity=-1).fit(R), R, "transform"
 
 
 def _factory_multiobjective(tiny):
@@ -474,9 +474,14 @@ def _factory_multiobjective(tiny):
 
 
 def _factory_gating(tiny):
+    from rmkit.layout import make_frame
+
     rc, rr, prompt = _rewards_and_prompt(32)
-    net = rmkit.GatedScalarizer(n_objectives=2, max_epochs=2, hidden_size=8, random_state=0)
-    return net.fit(np.hstack([rc, rr, prompt])), np.hstack([rc, prompt]), "predict"
+    net = rmkit.GatedScalarizer(max_epochs=2, hidden_size=8, random_state=0)
+    pairs = make_frame({("chosen", "r", ("a", "b")): rc, ("rejected", "r", ("a", "b")): rr,
+                        ("prompt", "h", range(3)): prompt})
+    return net.fit(pairs), make_frame({("response", "r", ("a", "b")): rc, ("prompt", "h", range(3)): prompt}), \
+        "predict"
 
 
 def _factory_armorm(tiny):
@@ -517,8 +522,22 @@ def _factory_router(tiny):
 def _factory_aggregator(tiny):
     rng = np.random.RandomState(0)
     hc, hr = rng.normal(size=(40, 4)), rng.normal(size=(40, 4))
+    from rmkit.layout import make_frame
+
     agg = rmkit.CapabilityAggregator(hidden_size=8, max_epochs=2, validation_fraction=None, random_state=0)
-    return agg.fit(np.hstack([hc, hr])), hc, "predict"
+    pairs = make_frame({("chosen", "h", range(4)): hc, ("rejected", "h", range(4)): hr})
+    return agg.fit(pairs), make_frame({("response", "h", range(4)): hc}), "predict"
+
+
+def _factory_union(tiny):
+    from sklearn.frozen import FrozenEstimator
+
+    pairs = make_preference_pairs(24, random_state=0)
+    F = rmkit.BackboneFeaturizer(tiny, cache=False, verbose=0).fit_transform(pairs)
+    rated = rmkit.MultiObjectiveRegressor().fit(F.filter(regex="^(chosen|prompt):").rename(
+        columns=lambda c: c.replace("chosen:", "response:")), np.arange(24.0))
+    union = rmkit.ObjectiveUnion([("rated", FrozenEstimator(rated)), ("bt", rmkit.MultiObjectiveRegressor())])
+    return union.fit(F), F, "transform"
 
 
 def _factory_moe(tiny):
@@ -564,6 +583,7 @@ FACTORIES = {
     "VerbosityDecorrelator": _factory_decorrelator,
     "MultiObjectiveRegressor": _factory_multiobjective,
     "GatedScalarizer": _factory_gating,
+    "ObjectiveUnion": _factory_union,
 }
 
 
@@ -578,7 +598,7 @@ def _public_estimators():
 
 def _output(est, X, method):
     out = getattr(est, method)(X)
-    return out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
+    return out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, dtype=float)
 
 
 def _tensor_digests(*files):

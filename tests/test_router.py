@@ -62,7 +62,7 @@ def test_predict_returns_rows_in_original_order():
     pred = router.predict(test)
     np.testing.assert_array_equal(pred, test["task"].map(CODES).to_numpy())
     # Explicit task labels override the router (oracle routing).
-    forced = router.predict(test, tasks=["math"] * len(test))
+    forced = router.predict_for_tasks(test, ["math"] * len(test))
     np.testing.assert_array_equal(forced, np.full(len(test), CODES["math"]))
 
 
@@ -103,11 +103,11 @@ def test_unknown_task_at_predict_is_an_error():
     router = TaskRouter(Recorder(), featurizer=TfidfVectorizer()).fit(_data(30, 0))
     test = _data(6, 1)
     with pytest.raises(ValueError, match=r"Unknown task\(s\) \['poetry'\]: never seen in fit"):
-        router.predict(test, tasks=["poetry"] * 6)
+        router.predict_for_tasks(test, ["poetry"] * 6)
     with pytest.raises(ValueError, match=r"Unknown task\(s\) \['poetry'\]"):
         router.routing_accuracy(test.assign(task="poetry"))
     with pytest.raises(ValueError, match="3 entries for 6 rows"):
-        router.predict(test, tasks=["math"] * 3)
+        router.predict_for_tasks(test, ["math"] * 3)
 
 
 def test_bad_inputs():

@@ -1,0 +1,30 @@
+"""Prompt-grouped model selection: every split keeps a prompt on one side.
+
+Pairs and responses that share a prompt are not independent. Every split in
+rmkit, the ones you make and the ones its recipes make inside ``fit``
+(cross-fitting, phase splits, validation and early stopping), groups rows by
+prompt. The splitters here derive the groups from ``X`` themselves, so they
+drop into ``GridSearchCV(cv=...)`` and ``cross_val_score(cv=...)`` as they are.
+"""
+
+from ._groups import normalise_text, prompt_groups
+from ._pairs import pair_target, shuffle_pair_sides
+from ._split import (
+    PromptGroupKFold,
+    PromptGroupShuffleSplit,
+    check_prompt_cv,
+    prompt_train_test_split,
+    resolve_groups,
+)
+from ._validation import PromptGroupValidSplit
+
+__all__ = [
+    "PromptGroupKFold",
+    "PromptGroupShuffleSplit",
+    "PromptGroupValidSplit",
+    "normalise_text",
+    "prompt_groups",
+    "prompt_train_test_split",
+    "shuffle_pair_sides",
+]
+# also importable, for rmkit's own steps: check_prompt_cv, pair_target, resolve_groups
