@@ -39,6 +39,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._backbones import EMBEDDED_BACKBONE, cache_dir, load_tokenizer, resolve_backbone, resolve_device, resolve_dtype
 from ._data import as_frame, read_pairs
+from ._templating import encode_prompt
 
 __all__ = [
     "CapabilityLabeler",
@@ -273,8 +274,7 @@ class TransformersChatBackend:
         out = []
         for start in range(0, len(conversations), self.batch_size):
             chunk = conversations[start:start + self.batch_size]
-            ids = [tok(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
-                       add_special_tokens=False)["input_ids"] for m in chunk]
+            ids = [list(encode_prompt(tok, m)) for m in chunk]  # user text never becomes control tokens
             width = max(map(len, ids))
             # Left padding (built here: the shared tokenizer's padding side is left alone).
             input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
