@@ -64,9 +64,7 @@ name at another location holding the same weights).
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import errno
 import functools
 import hashlib
 import inspect
@@ -798,34 +796,26 @@ def _sha256(path):
     return h.hexdigest()
 
 
-def _exchange(a, b):
-    """Atomically swap two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False when unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), os.fspath(b))
+_TMP_MARK = ".rmkit-tmp-"
+
+
+def _temp_prefix(target):
+    return f".{target.name}{_TMP_MARK}"
 
 
 def _swap_into_place(tmp, target):
     """Make ``tmp`` the new ``target``; afterwards ``tmp`` holds the previous save (if any).
 
-    The exchange is atomic where the OS supports it; otherwise the previous
-    save is renamed aside first and put back if the second rename fails.
+    Two plain renames (portable): the previous save is first renamed aside to
+    ``<tmp>-previous``, then ``tmp`` takes its place; if the second rename
+    fails the previous save is put back. Readers never see a mix of the two
+    saves (:func:`load` checks the tensors against the manifest it read and
+    retries while a save is in flight), and a process killed between the two
+    renames leaves the previous save aside, where the next :func:`save` or
+    :func:`load` puts it back.
     """
     if not target.exists():
         os.rename(tmp, target)
-        return
-    if _exchange(tmp, target):
         return
     aside = tmp.with_name(tmp.name + "-previous")
     os.rename(target, aside)
@@ -837,16 +827,57 @@ def _swap_into_place(tmp, target):
     os.rename(aside, tmp)
 
 
+def _temp_owner(p, target):
+    """PID of the process that made the temporary folder ``p``, or None."""
+    try:
+        return int(p.name[len(_temp_prefix(target)):].split("-")[0])
+    except ValueError:
+        return None
+
+
+def _alive(pid):
+    if pid is None or pid == os.getpid():
+        return pid is not None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
 def _remove_stale_temps(target):
-    """Remove temporary folders left beside ``target`` by saves whose process died."""
-    for p in target.parent.glob(f".{target.name}.rmkit-tmp-*"):
+    """Clean what saves whose process died left beside ``target``.
+
+    A half-written copy is removed; a previous save left aside by a process
+    killed between its two renames is put back when ``target`` is missing
+    (it is the last committed save). Folders of live processes are left
+    alone. Errors (a read-only parent) are ignored: the temporary folders are
+    hidden and never loaded as saves.
+    """
+    try:
+        temps = sorted(target.parent.glob(_temp_prefix(target) + "*"))
+    except OSError:
+        return
+    for p in temps:
+        if _alive(_temp_owner(p, target)):
+            continue
         try:
-            pid = int(p.name[len(f".{target.name}.rmkit-tmp-"):].split("-")[0])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except (ValueError, PermissionError, OSError):
+            if p.name.endswith("-previous") and not target.exists():
+                os.rename(p, target)
+            else:
+                shutil.rmtree(p)
+        except OSError:
             pass
+
+
+def _save_in_flight(target):
+    """True while a live process has a temporary folder beside ``target``."""
+    try:
+        return any(_alive(_temp_owner(p, target)) for p in target.parent.glob(_temp_prefix(target) + "*"))
+    except OSError:
+        return False
 
 
 def _umask():
@@ -912,6 +943,7 @@ def save(model, directory):
     from safetensors.torch import save_file
 
     target = Path(directory).expanduser().absolute()
+    _remove_stale_temps(target)
     if target.exists():
         if not target.is_dir():
             raise PersistenceError(f"{target} exists and is not a directory.")
@@ -929,8 +961,7 @@ def save(model, directory):
         "model": root,
     }
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.rmkit-tmp-{os.getpid()}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(target)}{os.getpid()}-", dir=target.parent))
     try:
         umask = _umask()
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a save is an ordinary folder
@@ -952,25 +983,34 @@ def save(model, directory):
     return target
 
 
-def _read_manifest(directory):
-    path = directory / MANIFEST
-    if not directory.is_dir():
-        raise FileNotFoundError(f"No saved model at {directory}: the directory does not exist.")
+def _read_inside(directory, name):
+    """Bytes of ``directory/name``, refusing a symlink or anything that leads outside ``directory``."""
+    path = directory / name
+    if path.is_symlink() or (path.exists() and os.path.realpath(path.parent) != os.path.realpath(directory)):
+        raise PersistenceError(f"{path} is a symbolic link; rmkit.load reads only files inside the save folder.")
     if not path.is_file():
-        raise PersistenceError(f"{directory} is not an rmkit save: it has no {MANIFEST}.")
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _parse_manifest(directory, raw):
+    path = directory / MANIFEST
 
     def refuse_constant(value):
         raise ValueError(f"non-standard JSON constant {value}")
 
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse_constant)
+        manifest = json.loads(raw.decode("utf-8"), parse_constant=refuse_constant)
+    except RecursionError:
+        raise IntegrityError(f"{path} nests too deeply to be a saved model.") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise IntegrityError(f"{path} is not valid JSON (truncated or edited?): {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise PersistenceError(f"{path} is not an rmkit save manifest (no \"format\": \"{FORMAT}\").")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        newer = isinstance(version, int) and version > FORMAT_VERSION
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
         raise PersistenceError(
             f"{directory} uses save format version {version!r}, but this rmkit reads version {FORMAT_VERSION}"
             + (": it was written by a newer rmkit; upgrade rmkit to load it." if newer else
@@ -979,28 +1019,88 @@ def _read_manifest(directory):
     return manifest
 
 
-def _read_tensors(directory, manifest):
+def _read_manifest(directory):
+    if not directory.is_dir():
+        raise FileNotFoundError(f"No saved model at {directory}: the directory does not exist.")
+    raw = _read_inside(directory, MANIFEST)
+    if raw is None:
+        raise PersistenceError(f"{directory} is not an rmkit save: it has no {MANIFEST}.")
+    return _parse_manifest(directory, raw)
+
+
+def _check_tensors(directory, manifest, data):
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_bytes
 
     info = manifest.get("tensors")
     if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) or not isinstance(info.get("sha256"), str):
         raise IntegrityError(f"{directory / MANIFEST} does not record the size and SHA-256 of {TENSORS}.")
     path = directory / TENSORS  # fixed name: the manifest never chooses which file is read
-    if not path.is_file():
+    if data is None:
         raise IntegrityError(f"{path} is missing.")
-    size = path.stat().st_size
-    if size != info["bytes"]:
+    if len(data) != info["bytes"]:
         raise IntegrityError(
-            f"{path} is {size} bytes but was saved as {info['bytes']} bytes: the file is truncated or altered."
+            f"{path} is {len(data)} bytes but was saved as {info['bytes']} bytes: the file is truncated or altered."
         )
-    if _sha256(path) != info["sha256"]:
+    if hashlib.sha256(data).hexdigest() != info["sha256"]:
         raise IntegrityError(f"{path} does not match the SHA-256 recorded when it was saved: the file was altered "
                              "(tampered with or corrupted).")
     try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
+        return load_bytes(data)  # the very bytes that were hashed: no second read that a save could change
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise IntegrityError(f"{path} is not a readable safetensors file: {exc}") from None
+
+
+def _read_save(directory, *, wait=30.0):
+    """``(manifest, tensors)`` of one consistent save at ``directory``.
+
+    A concurrent :func:`save` replaces the folder with two renames; a reader
+    that sees the folder missing, or a tensors file that does not match the
+    manifest it read, retries while the manifest changes under it or a live
+    process is saving there, so it returns the old or the new save, never a
+    mix, and raises only for a save that stays broken.
+    """
+    import time
+
+    directory = Path(directory)
+    if _TMP_MARK in directory.name:
+        raise PersistenceError(f"{directory} is the temporary folder of an unfinished rmkit.save, not a save.")
+    _remove_stale_temps(directory.absolute())
+    deadline = time.monotonic() + wait
+    delay = 0.01
+    while True:
+        raw = None
+        try:
+            if not directory.is_dir():
+                raise FileNotFoundError(f"No saved model at {directory}: the directory does not exist.")
+            raw = _read_inside(directory, MANIFEST)
+            if raw is None:
+                raise PersistenceError(f"{directory} is not an rmkit save: it has no {MANIFEST}.")
+            manifest = _parse_manifest(directory, raw)
+            tensors = _check_tensors(directory, manifest, _read_inside(directory, TENSORS))
+            if _read_inside(directory, MANIFEST) == raw:
+                return manifest, tensors
+            error = None  # the save was replaced while reading: read again
+        except (FileNotFoundError, IntegrityError) as exc:
+            error = exc
+            try:
+                changed = raw is not None and _read_inside(directory, MANIFEST) != raw
+            except (OSError, PersistenceError):
+                changed = True
+            if not changed and not _save_in_flight(directory.absolute()):
+                raise
+        except PersistenceError:
+            raise
+        except OSError as exc:  # a file vanished between the check and the read: a save in flight?
+            error = PersistenceError(f"{directory} cannot be read: {exc}")
+            if not _save_in_flight(directory.absolute()):
+                raise error from None
+        if time.monotonic() > deadline:
+            if error is not None:
+                raise error
+            raise PersistenceError(f"{directory} kept changing for {wait:.0f} s while loading (saves in a loop?).")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
 
 
 def _check_backbones(manifest, remap):
@@ -1072,8 +1172,7 @@ def load(directory, *, device=None, backbones=None, check_backbones=True):
     array([0, 1])
     """
     directory = Path(directory).expanduser()
-    manifest = _read_manifest(directory)
-    tensors = _read_tensors(directory, manifest)
+    manifest, tensors = _read_save(directory)
     remap = {str(k): v for k, v in (backbones or {}).items()}
     if check_backbones:
         _check_backbones(manifest, remap)
