@@ -71,6 +71,7 @@ import inspect
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -236,8 +237,16 @@ def _builtin_allowed(cls):
         from skorch.callbacks import Callback
         from skorch.dataset import Dataset, ValidSplit
 
+        if cls.__name__ in _SKORCH_WRITERS:
+            return False  # they create folders or files when the net is initialised
         return issubclass(cls, (skorch.NeuralNet, Callback, Dataset, ValidSplit))
     return False
+
+
+# skorch callbacks with side effects at load time (Checkpoint makes its folder in initialize()),
+# refused unless the user registers them with register_safe_class.
+_SKORCH_WRITERS = {"Checkpoint", "TrainEndCheckpoint", "LoadInitState", "TensorBoard", "WandbLogger",
+                   "NeptuneLogger", "SacredLogger", "MlflowLogger", "ClearMLLogger"}
 
 
 def _import_rmkit_modules():
@@ -528,6 +537,63 @@ _TAGS = {f"__{t}__" for t in ("float", "np_scalar", "np_dtype", "np_type", "torc
                                "object", "hooked", "class")}
 
 
+_SIZE_NAME = re.compile(r"(size|dim|features|width|units)$")
+_COUNT_NAME = re.compile(r"(^n_|^num_|layers$|heads$|rank$|objectives$|experts$)")
+_UNBOUNDED = re.compile(r"batch|chunk|max_|min_|epoch|seed|random_state|workers|steps|patience|verbose|length")
+MAX_DECLARED_SIZE = 1 << 16   # hidden sizes, feature widths: real backbones stay far below
+MAX_DECLARED_COUNT = 1 << 12  # layers, heads, ranks, objectives
+
+
+def _check_declared_sizes(params, path):
+    """Refuse parameters that would make the constructor allocate absurd amounts (a crafted file)."""
+    for key, value in params.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        name = key.rsplit("__", 1)[-1]
+        if _UNBOUNDED.search(name):
+            continue
+        limit = MAX_DECLARED_SIZE if _SIZE_NAME.search(name) else MAX_DECLARED_COUNT if _COUNT_NAME.search(name) \
+            else None
+        if limit is not None and not -1 <= value <= limit:
+            raise IntegrityError(f"{MANIFEST} declares {path}.{key} = {value}, beyond the bound {limit} rmkit.load "
+                                 "accepts for such a size; the file was crafted or corrupted.")
+
+
+def _inside(path, root):
+    try:
+        return os.path.commonpath([os.path.realpath(path), os.path.realpath(root)]) == os.path.realpath(root)
+    except ValueError:  # different drives
+        return False
+
+
+def _backbone_allowed(name, remap):
+    """Whether ``load`` may read backbone ``name``, as named by the saved file.
+
+    Allowed: names the caller remapped with ``backbones=`` (their explicit
+    choice), the embedded and tiny backbones, Hugging Face hub ids, and folders
+    inside rmkit's own cache. Any other folder is named by the file only, so
+    it is not read (nor hashed) unless the caller confirms it.
+    """
+    from ._backbones import EMBEDDED_BACKBONE, cache_dir, looks_like_path
+
+    if name in remap or name in (EMBEDDED_BACKBONE, "rmkit-tiny"):
+        return True
+    expanded = os.path.expanduser(name)
+    if not looks_like_path(name) and not os.path.exists(expanded):
+        return True
+    return _inside(expanded, cache_dir())
+
+
+def _refuse_backbone(name):
+    from ._backbones import cache_dir
+
+    raise BackboneMismatchError(
+        f"The save names backbone folder {name!r}, which is outside rmkit's cache ({cache_dir()}); rmkit.load "
+        "does not read folders chosen by a file. If you trust this save and that folder, confirm it with "
+        f"rmkit.load(..., backbones={{{name!r}: {name!r}}}) (or map it to where the same weights are now)."
+    )
+
+
 class _Reader:
     def __init__(self, tensors, *, device=None, backbones=None):
         self.tensors = tensors
@@ -698,6 +764,18 @@ class _Reader:
         backbone = params.get("backbone")
         if isinstance(backbone, str) and backbone in self.backbones:
             params["backbone"] = os.fspath(self.backbones[backbone])
+        elif isinstance(backbone, str) and not _backbone_allowed(backbone, self.backbones):
+            _refuse_backbone(backbone)
+        cache = params.get("cache")
+        if isinstance(cache, str):
+            from ._backbones import cache_dir
+
+            if not _inside(os.path.expanduser(cache), cache_dir()):
+                warnings.warn(f"{path}: the saved cache folder {cache!r} is outside rmkit's cache; the loaded "
+                              "model uses the default cache instead (set_params(cache=...) to choose one).",
+                              stacklevel=4)
+                params["cache"] = True
+        _check_declared_sizes(params, path)
         return params
 
     def _destimator(self, body, path):
@@ -1106,8 +1184,14 @@ def _read_save(directory, *, wait=30.0):
 def _check_backbones(manifest, remap):
     from ._backbones import weights_fingerprint
 
-    for entry in manifest.get("backbones") or []:
+    entries = manifest.get("backbones") or []
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str)
+                                                and isinstance(e.get("sha256"), str) for e in entries):
+        raise IntegrityError(f"{MANIFEST}: 'backbones' must be a list of {{name, sha256}} strings.")
+    for entry in entries:
         name, saved = entry.get("name"), entry.get("sha256")
+        if not _backbone_allowed(name, remap):
+            _refuse_backbone(name)
         where = os.fspath(remap.get(name, name))
         try:
             if os.path.isabs(where) and not os.path.isdir(where):
@@ -1121,7 +1205,7 @@ def _check_backbones(manifest, remap):
         if current != saved:
             raise BackboneMismatchError(
                 f"The model was fitted on backbone {name!r} with weights sha256 {str(saved)[:12]}..., but "
-                f"{where!r} now has weights sha256 {current[:12]}...: its features would not match what the "
+                f"{where!r} now has different weights: its features would not match what the "
                 "model learned. Point the name at the original weights with "
                 f"backbones={{{name!r}: '<folder>'}} or refit the model."
             )
@@ -1179,7 +1263,12 @@ def load(directory, *, device=None, backbones=None, check_backbones=True):
     reader = _Reader(tensors, device=device, backbones=remap)
     try:
         return reader.decode(manifest.get("model"))
+    except PersistenceError:
+        raise
     except RecursionError:
         raise IntegrityError(f"{directory / MANIFEST} nests too deeply to be a saved model.") from None
-    except (KeyError, TypeError) as exc:
-        raise IntegrityError(f"{directory / MANIFEST} is malformed: {type(exc).__name__}: {exc}") from exc
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError, OverflowError,
+            MemoryError, AssertionError, OSError) as exc:
+        # Whatever a crafted or damaged file makes the rebuilding code raise is reported as one error type.
+        raise IntegrityError(f"{directory / MANIFEST} is malformed or describes a model that cannot be rebuilt: "
+                             f"{type(exc).__name__}: {exc}") from exc
