@@ -474,10 +474,39 @@ class CapabilityLabeler(TransformerMixin, BaseEstimator):
         self.capabilities_ = self._check_capabilities()
         if int(self.chunk_size) < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size!r}.")
+        self._check_template()
+        if isinstance(self.backend, str) and self.backend != "local":
+            from ._backbones import looks_like_path
+
+            if looks_like_path(self.backend):
+                resolve_backbone(self.backend)  # a clear error for a folder that does not exist
         self.backend_ = _as_backend(self.backend)
         if X is not None:
             read_pairs(X)
         return self
+
+    def _check_template(self):
+        import string
+
+        template = self.template or JUDGE_TEMPLATE
+        if not isinstance(template, str):
+            raise TypeError(f"template must be a str.format string, got {type(template).__name__}.")
+        allowed = {"name", "description", "conversation", "a", "b"}
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+            template.format(name="n", description="d", conversation="c", a="x", b="y")
+        except (KeyError, IndexError, ValueError, AttributeError) as exc:
+            raise ValueError(
+                f"template is not a valid format string ({type(exc).__name__}: {exc}). It may use only the "
+                f"fields {{name}}, {{description}}, {{conversation}}, {{a}}, {{b}}; write literal braces as "
+                "{{ and }}."
+            ) from None
+        unknown = {f.split(".")[0].split("[")[0] for f in fields} - allowed
+        if unknown:
+            raise ValueError(f"template uses unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)} "
+                             "(write literal braces as {{ and }}).")
+        if not {"a", "b"} <= fields:
+            raise ValueError("template must show both responses: it needs the fields {a} and {b}.")
 
     def _store(self):
         if self.cache is False or self.cache is None or getattr(self.backend_, "cache_id", None) is None:
