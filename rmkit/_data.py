@@ -115,6 +115,35 @@ def _check_unicode(text, where):
         ) from None
 
 
+def check_labels(values, column):
+    """Refuse a label column that mixes types whose text looks the same (``1`` and ``"1"``).
+
+    Such labels sort and compare inconsistently (scikit-learn's encoders fail
+    with an obscure ``TypeError``), and almost always come from a file read
+    with different type inference in different places.
+
+    Examples
+    --------
+    >>> check_labels(["math", "code", "math"], "task")
+    ['math', 'code', 'math']
+    >>> check_labels([1, "1"], "task")
+    Traceback (most recent call last):
+    ...
+    ValueError: Column 'task' mixes label types int and str that print alike (1 and '1'): use one type for all labels.
+    """
+    values = list(values)
+    seen = {}
+    for v in values:
+        key = str(v)
+        other = seen.setdefault(key, v)
+        if type(other) is not type(v) and other != v:
+            raise ValueError(
+                f"Column '{column}' mixes label types {type(other).__name__} and {type(v).__name__} that print "
+                f"alike ({other!r} and {v!r}): use one type for all labels."
+            )
+    return values
+
+
 def _check_messages(values):
     out = []
     for i, msgs in enumerate(values):

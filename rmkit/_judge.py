@@ -492,19 +492,19 @@ class CapabilityLabeler(TransformerMixin, BaseEstimator):
         if not isinstance(template, str):
             raise TypeError(f"template must be a str.format string, got {type(template).__name__}.")
         allowed = {"name", "description", "conversation", "a", "b"}
+        hint = ("It may use only the fields {name}, {description}, {conversation}, {a}, {b}; write literal "
+                "braces as {{ and }}.")
         try:
             fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-            template.format(name="n", description="d", conversation="c", a="x", b="y")
-        except (KeyError, IndexError, ValueError, AttributeError) as exc:
-            raise ValueError(
-                f"template is not a valid format string ({type(exc).__name__}: {exc}). It may use only the "
-                f"fields {{name}}, {{description}}, {{conversation}}, {{a}}, {{b}}; write literal braces as "
-                "{{ and }}."
-            ) from None
+        except ValueError as exc:
+            raise ValueError(f"template is not a valid format string ({exc}). {hint}") from None
         unknown = {f.split(".")[0].split("[")[0] for f in fields} - allowed
         if unknown:
-            raise ValueError(f"template uses unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)} "
-                             "(write literal braces as {{ and }}).")
+            raise ValueError(f"template uses unknown field(s) {sorted(unknown)}. {hint}")
+        try:
+            template.format(name="n", description="d", conversation="c", a="x", b="y")
+        except (KeyError, IndexError, ValueError, AttributeError) as exc:
+            raise ValueError(f"template is not a valid format string ({type(exc).__name__}: {exc}). {hint}") from None
         if not {"a", "b"} <= fields:
             raise ValueError("template must show both responses: it needs the fields {a} and {b}.")
 

@@ -67,35 +67,26 @@ def _path(name_or_path):
 TEXT_COLUMNS = ("prompt", "response", "chosen", "rejected")
 
 
-class _Lines:
-    """Iterate a text file's lines, counting them, so errors can name the line."""
-
-    def __init__(self, f):
-        self.f, self.n = f, 0
-
-    def __iter__(self):
-        for line in self.f:
-            self.n += 1
-            yield line
-
-
 def _read_jsonl(p, f):
-    lines = _Lines(f)
+    """Records of a JSONL file opened in binary mode; each line decoded on its own so errors name it."""
     rows = []
-    try:
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{p}, line {lines.n}: not valid JSON ({exc.msg} at column {exc.colno}).") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{p}, line {lines.n}: expected a JSON object per line, got {type(rec).__name__}.")
-            rows.append(rec)
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{p}, line {lines.n + 1}: not UTF-8 text ({exc.reason} at byte {exc.start} of the "
-                         "line's chunk); save the file as UTF-8.") from None
+    for n, raw in enumerate(f, start=1):
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{p}, line {n}: not UTF-8 text ({exc.reason} at byte {exc.start} of the line); "
+                             "save the file as UTF-8.") from None
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{p}, line {n}: not valid JSON ({exc.msg} at column {exc.colno}).") from None
+        except RecursionError:
+            raise ValueError(f"{p}, line {n}: JSON nested too deeply.") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{p}, line {n}: expected a JSON object per line, got {type(rec).__name__}.")
+        rows.append(rec)
     return frame(rows, name=str(p))
 
 
@@ -104,6 +95,8 @@ def _read_json(p, f):
         data = json.load(f)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{p}, line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}).") from None
+    except RecursionError:
+        raise ValueError(f"{p}: JSON nested too deeply.") from None
     if isinstance(data, dict) and not any(isinstance(v, (list, tuple, dict)) for v in data.values()):
         raise ValueError(f"{p} holds one JSON object of scalars ({list(data)[:5]}...): expected a list of "
                          "records [{...}, ...] or an object of columns {\"prompt\": [...], ...}.")
@@ -135,10 +128,12 @@ def _read_file(p):
     name = p.name.lower().removesuffix(".gz")
     gz = p.name.lower().endswith(".gz")
     try:
-        if name.endswith((".jsonl", ".json")):
-            opener = gzip.open if gz else open
-            with opener(p, "rt", encoding="utf-8") as f:
-                return _read_json(p, f) if name.endswith(".json") else _read_jsonl(p, f)
+        if name.endswith(".jsonl"):
+            with (gzip.open(p, "rb") if gz else open(p, "rb")) as f:
+                return _read_jsonl(p, f)
+        if name.endswith(".json"):
+            with (gzip.open(p, "rt", encoding="utf-8") if gz else open(p, encoding="utf-8")) as f:
+                return _read_json(p, f)
         if name.endswith(".csv"):
             return _read_csv(p)
         if name.endswith(".parquet"):

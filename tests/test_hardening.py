@@ -155,3 +155,354 @@ def test_embedded_tokenizer_injection():
     assert tok.decode(inj.suffix[:-1]) == INJECTED
     text = tok.apply_chat_template(MULTI_TURN + [{"role": "assistant", "content": "Yes"}], tokenize=False)
     assert list(real.prefix + real.suffix) == tok(text.rstrip(), add_special_tokens=False)["input_ids"]
+
+
+# --------------------------------------------------------------------- 2. loading has no side effects
+
+from pathlib import Path  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import warnings  # noqa: E402
+
+from sklearn.base import BaseEstimator  # noqa: E402
+from sklearn.linear_model import Ridge  # noqa: E402
+
+from rmkit._persistence import BackboneMismatchError, IntegrityError, PersistenceError, UnsafeClassError  # noqa: E402,E501
+
+
+def _manifest(path):
+    return json.loads((Path(path) / "rmkit.json").read_text())
+
+
+def _write_manifest(path, manifest):
+    (Path(path) / "rmkit.json").write_text(json.dumps(manifest))
+
+
+def _ridge(tmp_path, name="m"):
+    X = np.arange(12.0).reshape(6, 2)
+    model = Ridge().fit(X, np.arange(6.0))
+    return rmkit.save(model, tmp_path / name), model, X
+
+
+def _snapshot(folder):
+    return sorted((p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in Path(folder).rglob("*"))
+
+
+@rmkit.register_safe_class
+class Sized(BaseEstimator):
+    def __init__(self, hidden_size=8, n_layers=1):
+        self.hidden_size = hidden_size
+        self.n_layers = n_layers
+
+    def fit(self, X=None, y=None):
+        self.fitted_ = True
+        return self
+
+
+def test_skorch_checkpoint_named_by_a_file_is_refused_and_makes_no_folder(tmp_path):
+    import skorch
+    import torch
+    from skorch.callbacks import GradientNormClipping
+
+    net = skorch.NeuralNetRegressor(torch.nn.Linear, module__in_features=2, module__out_features=1,
+                                    callbacks=[("clip", GradientNormClipping(1.0))], max_epochs=1, verbose=0)
+    path = rmkit.save(net, tmp_path / "net")
+    evil = tmp_path / "made-by-load"
+    text = (path / "rmkit.json").read_text()
+    assert "skorch.callbacks.regularization.GradientNormClipping" in text
+    text = text.replace("skorch.callbacks.regularization.GradientNormClipping", "skorch.callbacks.training.Checkpoint")
+    (path / "rmkit.json").write_text(text)
+    manifest = _manifest(path)
+
+    def plant(node):  # give the planted Checkpoint a folder to create
+        if isinstance(node, dict):
+            body = node.get("__object__") or node.get("__estimator__")
+            if isinstance(body, dict) and body.get("class") == "skorch.callbacks.training.Checkpoint":
+                body.setdefault("state", {})["dirname"] = str(evil)
+            for v in node.values():
+                plant(v)
+        elif isinstance(node, list):
+            for v in node:
+                plant(v)
+
+    plant(manifest)
+    _write_manifest(path, manifest)
+    with pytest.raises(UnsafeClassError, match="Checkpoint"):
+        rmkit.load(path)
+    assert not evil.exists()
+    # and saving such a net is refused up front, so no save needs it
+    from skorch.callbacks import Checkpoint
+
+    with pytest.raises(PersistenceError, match="Checkpoint"):
+        rmkit.save(skorch.NeuralNetRegressor(torch.nn.Linear, callbacks=[Checkpoint(dirname=str(evil))]),
+                   tmp_path / "net2")
+    assert not evil.exists()
+
+
+def test_backbone_folder_named_by_a_file_is_not_read_hashed_or_written(tmp_path):
+    foreign = tmp_path / "someone-elses-model"
+    shutil.copytree(tiny_backbone(), foreign)
+    before = _snapshot(foreign)
+    path, _, _ = _ridge(tmp_path)
+    manifest = _manifest(path)
+    manifest["backbones"] = [{"name": str(foreign), "sha256": "0" * 64}]
+    _write_manifest(path, manifest)
+    with pytest.raises(BackboneMismatchError, match="outside rmkit's cache") as exc:
+        rmkit.load(path)
+    from rmkit._backbones import weights_fingerprint
+
+    assert weights_fingerprint(str(foreign))[:12] not in str(exc.value)
+    assert _snapshot(foreign) == before  # nothing written (no .rmkit-weights-sha256)
+    # the same for an estimator parameter naming it (it would be read when rebuilt)
+    manifest["backbones"] = []
+    manifest["model"] = {"__estimator__": {"class": "rmkit._featurizer.BackboneFeaturizer",
+                                           "params": {"backbone": str(foreign)}, "state": {}}}
+    _write_manifest(path, manifest)
+    with pytest.raises(BackboneMismatchError, match="outside rmkit's cache"):
+        rmkit.load(path)
+    assert _snapshot(foreign) == before
+
+
+def test_fingerprinting_never_writes_into_the_backbone_folder(tmp_path):
+    from rmkit._backbones import weights_fingerprint
+
+    folder = tmp_path / "bb"
+    shutil.copytree(tiny_backbone(), folder)
+    before = _snapshot(folder)
+    assert weights_fingerprint(str(folder)) == weights_fingerprint(str(folder))
+    assert _snapshot(folder) == before
+
+
+@pytest.mark.parametrize("name", ["rmkit.json", "tensors.safetensors"])
+def test_symlinks_out_of_the_save_are_refused(tmp_path, name):
+    path, _, _ = _ridge(tmp_path)
+    outside = tmp_path / f"outside-{name}"
+    shutil.copy(path / name, outside)
+    (path / name).unlink()
+    (path / name).symlink_to(outside)
+    with pytest.raises(PersistenceError, match="symbolic link"):
+        rmkit.load(path)
+
+
+def test_foreign_feature_cache_path_is_reset_on_load(tmp_path, tiny):
+    feats = rmkit.BackboneFeaturizer(tiny, cache=str(tmp_path / "elsewhere"), verbose=0).fit()
+    path = rmkit.save(feats, tmp_path / "f")
+    with pytest.warns(UserWarning, match="outside rmkit's cache"):
+        loaded = rmkit.load(path)
+    assert loaded.cache is True
+    assert not (tmp_path / "elsewhere").exists()
+    inside = rmkit.cache_dir() / "features"  # the user's own cache is kept as saved
+    path = rmkit.save(rmkit.BackboneFeaturizer(tiny, cache=str(inside), verbose=0).fit(), tmp_path / "g")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert rmkit.load(path).cache == str(inside)
+
+
+@pytest.mark.parametrize("key, value", [("hidden_size", 10**12), ("n_layers", 10**9), ("hidden_size", -5)])
+def test_declared_sizes_are_bounded(tmp_path, key, value):
+    path = rmkit.save(Sized().fit(), tmp_path / "s")
+    manifest = _manifest(path)
+    manifest["model"]["__estimator__"]["params"][key] = value
+    _write_manifest(path, manifest)
+    with pytest.raises(IntegrityError, match="beyond the bound"):
+        rmkit.load(path)
+
+
+@pytest.mark.parametrize("model", [
+    "DEEP",                                                           # RecursionError
+    {"__random_state__": ["MT19937", [1, 2], 0, 0, 0.0]},             # ValueError from numpy
+    {"__ndarray_items__": {"dtype": "|O", "shape": [5], "items": [1]}},  # reshape ValueError
+    {"__slice__": 5},                                                 # TypeError
+    {"__tuple__": 5},                                                 # TypeError
+    {"__torch_device__": "nonsense:7"},                               # RuntimeError from torch
+    {"__np_scalar__": {"dtype": "<i8", "value": "x"}},               # ValueError
+    {"__dataframe__": {"columns": [1, 2], "index": {"values": None, "name": None}, "values": []}},
+])
+def test_every_refusal_is_a_persistence_error(tmp_path, model):
+    path, _, _ = _ridge(tmp_path)
+    manifest = _manifest(path)
+    manifest["model"] = model
+    text = json.dumps(manifest)
+    if model == "DEEP":  # nested lists: json.dumps itself would overflow, so written as text
+        text = text.replace('"DEEP"', "[" * 50_000 + "1" + "]" * 50_000)
+    (path / "rmkit.json").write_text(text)
+    with pytest.raises(PersistenceError):
+        rmkit.load(path)
+
+
+def test_deeply_nested_manifest_text_is_a_persistence_error(tmp_path):
+    path, _, _ = _ridge(tmp_path)
+    text = (path / "rmkit.json").read_text()
+    (path / "rmkit.json").write_text(text[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(PersistenceError):
+        rmkit.load(path)
+
+
+def test_a_temporary_copy_is_never_loaded_as_a_save(tmp_path):
+    path, _, _ = _ridge(tmp_path)
+    tmp = tmp_path / ".m.rmkit-tmp-99999999-abc"
+    shutil.copytree(path, tmp)
+    with pytest.raises(PersistenceError, match="temporary folder"):
+        rmkit.load(tmp)
+
+
+# --------------------------------------------------------------------- 4. literal text in files
+
+from rmkit.datasets import load_table  # noqa: E402
+
+
+def test_csv_text_that_looks_like_numbers_or_missing_is_kept(tmp_path):
+    src = tmp_path / "rows.csv"
+    src.write_text("prompt,response,id,score\n2+2?,4,1,NA\nSay None.,None,2,\nSay NA.,NA,3,0.5\nnan?,nan,4,1\n")
+    df = load_table(src)
+    assert df["response"].tolist() == ["4", "None", "NA", "nan"]
+    assert df["prompt"].tolist()[1] == "Say None."
+    assert df["score"].isna().tolist() == [True, True, False, False]  # other columns: pandas' usual reading
+    assert df["id"].tolist() == [1, 2, 3, 4]
+    from rmkit._data import read_pointwise
+
+    assert read_pointwise(df).responses == ["4", "None", "NA", "nan"]
+
+
+def test_cli_scores_csv_answers_that_look_like_numbers(tmp_path):
+    from rmkit.__main__ import main
+
+    rmkit.save(_LengthReward().fit(), tmp_path / "m")
+    (tmp_path / "in.csv").write_text("prompt,chosen,rejected\n2+2?,4,None\nhi,hello,NA\n")
+    assert main(["score", "--model", str(tmp_path / "m"), "--input", str(tmp_path / "in.csv"),
+                 "--output", str(tmp_path / "out.jsonl"), "--quiet"]) == 0
+    out = pd.read_json(tmp_path / "out.jsonl", lines=True, dtype=False)
+    assert out["reward_chosen"].tolist() == [1.0, 5.0]
+    assert out["reward_rejected"].tolist() == [4.0, 2.0]
+
+
+@rmkit.register_safe_class
+class _LengthReward(BaseEstimator):
+    def fit(self, X=None, y=None):
+        self.fitted_ = True
+        return self
+
+    def predict(self, X):
+        df = pd.DataFrame(X)
+        if "chosen" in df.columns:
+            return (df["chosen"].str.len() > df["rejected"].str.len()).to_numpy(float)
+        return df["response"].str.len().to_numpy(float)
+
+
+# --------------------------------------------------------------------- 5. clear errors
+
+
+def test_lone_surrogates_are_named():
+    from rmkit._data import read_pairs, read_pointwise
+
+    with pytest.raises(ValueError, match=r"column 'response' at row 1 is not valid Unicode.*\\udc00"):
+        read_pointwise([{"prompt": "a", "response": "ok"}, {"prompt": "b", "response": "x\udc00"}])
+    with pytest.raises(ValueError, match=r"'chosen' at row 0 is not valid Unicode"):
+        read_pairs({"prompt": ["a"], "chosen": ["\ud83d"], "rejected": ["b"]})
+    with pytest.raises(ValueError, match=r"messages\[0\] at row 0 is not valid Unicode"):
+        read_pointwise([{"messages": [{"role": "user", "content": "\ud800"}], "response": "x"}])
+
+
+def test_jsonl_errors_name_the_file_and_line(tmp_path):
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": \n')
+    with pytest.raises(ValueError, match=r"rows.jsonl, line 2: not valid JSON"):
+        load_table(bad)
+    bad.write_bytes(b'{"prompt": "a", "response": "b"}\n\n{"prompt": "\xff\xfe", "response": "b"}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl, line 3: not UTF-8"):
+        load_table(bad)
+    bad.write_text('{"prompt": "a", "response": "\\ud800"}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl: column 'response' at row 0 is not valid Unicode"):
+        load_table(bad)
+    bad.write_text('[1, 2]\n')
+    with pytest.raises(ValueError, match="line 1: expected a JSON object"):
+        load_table(bad)
+
+
+def test_json_dict_of_scalars_is_named(tmp_path):
+    src = tmp_path / "one.json"
+    src.write_text('{"prompt": "a", "response": "b"}')
+    with pytest.raises(ValueError, match="one JSON object of scalars"):
+        load_table(src)
+    src.write_text('{"prompt": ["a"], "response": ["b"]}')
+    assert load_table(src)["response"].tolist() == ["b"]
+
+
+def test_truncated_gzip_is_named(tmp_path):
+    import gzip
+
+    from rmkit.__main__ import main
+
+    data = gzip.compress(b'{"prompt": "a", "response": "b"}\n' * 200)
+    src = tmp_path / "rows.jsonl.gz"
+    src.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt gzip"):
+        load_table(src)
+    rmkit.save(_LengthReward().fit(), tmp_path / "m")
+    assert main(["score", "--model", str(tmp_path / "m"), "--input", str(src),
+                 "--output", str(tmp_path / "o.jsonl"), "--quiet"]) == 1
+
+
+def test_truncated_joblib_is_named(tmp_path, capsys):
+    import joblib
+
+    from rmkit.__main__ import main
+
+    joblib.dump(_LengthReward().fit(), tmp_path / "m.joblib")
+    data = (tmp_path / "m.joblib").read_bytes()
+    (tmp_path / "m.joblib").write_bytes(data[: len(data) // 2])
+    pd.DataFrame({"prompt": ["a"], "response": ["b"]}).to_json(tmp_path / "in.jsonl", orient="records", lines=True)
+    assert main(["score", "--model", str(tmp_path / "m.joblib"), "--trust-pickle", "--input",
+                 str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl"), "--quiet"]) == 1
+    assert "not a readable joblib file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("loader, rows, missing", [
+    ("load_eval", [{"prompt": "a", "chosen": "b", "rejected": "c"}], "category"),
+    ("load_pairwise", [{"prompt": "a", "response": "b"}], "chosen"),
+    ("load_ratings", [{"prompt": "a", "response": "b"}], "attributes"),
+    ("load_bon", [{"prompt": "a"}], "candidates"),
+])
+def test_loaders_name_missing_columns(tmp_path, loader, rows, missing):
+    from rmkit import datasets
+
+    src = tmp_path / "d.jsonl"
+    pd.DataFrame(rows).to_json(src, orient="records", lines=True)
+    with pytest.raises(ValueError, match=rf"d.jsonl has no column\(s\) \[.*'{missing}'"):
+        getattr(datasets, loader)(src)
+
+
+def test_missing_backbone_folder_is_named(tmp_path):
+    from rmkit._backbones import resolve_backbone
+
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_backbone(str(missing))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        rmkit.BackboneFeaturizer(str(missing), cache=False, verbose=0).fit().transform(
+            [{"prompt": "a", "response": "b"}])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        rmkit.CapabilityLabeler({"x": "y"}, backend=str(missing)).fit()
+
+
+@pytest.mark.parametrize("template, match", [
+    ("Rate {a} vs {b} as JSON: {\"winner\": ...}", "not a valid format string|unknown field"),
+    ("Compare {a} and {b} on {skill}", "unknown field"),
+    ("Only {a}", "needs the fields {a} and {b}"),
+    ("{} {a} {b}", "not a valid format string|unknown field"),
+])
+def test_labeler_template_errors_are_named(template, match):
+    with pytest.raises(ValueError, match=match):
+        rmkit.CapabilityLabeler({"x": "y"}, backend=lambda m: "A", template=template, cache=False).fit()
+    ok = "Literal {{braces}}: {a} vs {b}"
+    rmkit.CapabilityLabeler({"x": "y"}, backend=lambda m: "A", template=ok, cache=False).fit()
+
+
+def test_mixed_label_types_are_named():
+    from rmkit._data import check_labels
+
+    with pytest.raises(ValueError, match=r"mixes label types int and str.*1 and '1'"):
+        check_labels([1, "1", 2], "task")
+    assert check_labels(["1", "2"], "task") == ["1", "2"]
+    assert check_labels([1, 1.0, np.int64(2)], "task") == [1, 1.0, 2]
