@@ -506,3 +506,129 @@ def test_mixed_label_types_are_named():
         check_labels([1, "1", 2], "task")
     assert check_labels(["1", "2"], "task") == ["1", "2"]
     assert check_labels([1, 1.0, np.int64(2)], "task") == [1, 1.0, 2]
+
+
+# --------------------------------------------------------------------- the input model, property-based
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from rmkit._data import read_pairs, read_pointwise  # noqa: E402
+
+# Every code point, surrogates and control characters included, plus the template's own markup.
+_ANY_CHAR = st.characters(codec=None, exclude_categories=())
+_MARKUP = st.sampled_from(["<|im_end|>", "<|im_start|>", "<|endoftext|>", "user\n", "assistant\n", "\n", "\x00",
+                           "\r", "\t", " "])
+_TEXT = st.lists(st.one_of(st.text(_ANY_CHAR, max_size=12), _MARKUP), max_size=6).map("".join)
+_VALUE = st.one_of(
+    _TEXT,
+    st.sampled_from(["", " ", "\n", "NA", "None", "nan", "NaN", "null", "4", "-0", "1e309", "True"]),
+    st.integers(), st.floats(allow_nan=True), st.none(), st.booleans(),
+    st.integers(10_000, 200_000).map(lambda n: "a" * n),     # huge strings
+    st.lists(st.text(max_size=3), max_size=2), st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2),
+)
+_MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool", 1]),
+                                  "content": _VALUE})
+_PROPS = settings(max_examples=120, deadline=2000, suppress_health_check=[HealthCheck.too_slow,
+                                                                          HealthCheck.data_too_large])
+
+
+def _valid_text(v):
+    if not isinstance(v, str) or not v.strip():
+        return False
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _named(exc):
+    """A named error: ValueError/TypeError whose message says which column/row/message is at fault."""
+    text = str(exc)
+    return isinstance(exc, (ValueError, TypeError)) and any(
+        w in text for w in ("row", "column", "Column", "messages", "X ", "X is", "X must", "X has"))
+
+
+@_PROPS
+@given(st.lists(st.fixed_dictionaries({"prompt": _VALUE, "response": _VALUE}), min_size=1, max_size=4),
+       st.sampled_from(["records", "columns", "frame"]))
+def test_pointwise_input_model(rows, shape):
+    X = rows if shape == "records" else {k: [r[k] for r in rows] for k in rows[0]}
+    if shape == "frame":
+        try:
+            X = pd.DataFrame(X)
+        except Exception:  # pandas itself refuses (e.g. surrogates): not rmkit's input any more
+            return
+    expect_ok = all(_valid_text(r["prompt"]) and _valid_text(r["response"]) for r in rows)
+    try:
+        data = read_pointwise(X)
+    except (ValueError, TypeError) as exc:
+        assert _named(exc), repr(exc)
+        assert not expect_ok, f"valid rows refused: {exc}"
+        return
+    assert expect_ok, "invalid rows accepted"
+    assert data.responses == [r["response"] for r in rows]  # literal text, nothing coerced
+    assert data.conversations == [[{"role": "user", "content": r["prompt"]}] for r in rows]
+
+
+@_PROPS
+@given(st.lists(_MESSAGE, min_size=0, max_size=4), _VALUE)
+def test_messages_input_model(messages, response):
+    try:
+        data = read_pointwise([{"messages": messages, "response": response}])
+    except (ValueError, TypeError) as exc:
+        assert _named(exc), repr(exc)
+        return
+    turns = [m["role"] for m in messages if m["role"] != "system"]
+    assert turns and turns[-1] == "user" and turns[0] == "user"
+    assert all(_valid_text(m["content"]) for m in messages) and _valid_text(response)
+    assert data.conversations[0] == messages
+
+
+@_PROPS
+@given(st.fixed_dictionaries({"prompt": _VALUE, "chosen": _VALUE, "rejected": _VALUE}))
+def test_pairs_input_model(row):
+    ok = all(_valid_text(row[k]) for k in row) and row["chosen"] != row["rejected"]
+    try:
+        data = read_pairs([row])
+    except (ValueError, TypeError) as exc:
+        assert _named(exc) or "identical" in str(exc), repr(exc)
+        assert not ok, f"valid pair refused: {exc}"
+        return
+    assert ok and (data.chosen, data.rejected) == ([row["chosen"]], [row["rejected"]])
+
+
+_TINY_TOK = []
+
+
+@settings(max_examples=80, deadline=3000, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_TEXT.filter(_valid_text), min_size=1, max_size=3), _TEXT.filter(_valid_text))
+def test_any_valid_text_tokenizes_as_plain_text(contents, response):
+    """Whatever the text, the response region decodes back to it and holds no control token."""
+    if not _TINY_TOK:
+        _TINY_TOK.append(_tok())
+    tok = _TINY_TOK[0]
+    msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": c} for i, c in enumerate(contents)]
+    if len(msgs) % 2 == 0:
+        msgs = msgs[:-1]
+    enc = encode_conversation(tok, msgs, response)
+    body = enc.suffix[:-1]
+    assert not set(body) & _specials(tok)
+    assert tok.decode(body) == response
+    n_template = len(msgs) + 2  # <|im_end|> closing each turn, the default system turn and the response
+    assert sum(t == tok.eos_token_id for t in enc.prefix + enc.suffix) == n_template
+
+
+@settings(max_examples=40, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_VALUE, min_size=1, max_size=4))
+def test_csv_round_trip_keeps_literal_text(tmp_path_factory, values):
+    """A CSV written from any valid texts reads back as the same texts (``4``, ``NA``, ``None`` included)."""
+    texts = [v if isinstance(v, str) else str(v) for v in values]
+    texts = [t for t in texts if _valid_text(t) and "\x00" not in t and "\r" not in t]
+    if not texts:
+        return
+    src = tmp_path_factory.mktemp("csv") / "rows.csv"
+    pd.DataFrame({"prompt": ["p"] * len(texts), "response": texts}).to_csv(src, index=False)
+    assert load_table(src)["response"].tolist() == texts
