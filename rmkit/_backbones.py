@@ -75,7 +75,8 @@ def _convert_gguf(gguf_path, target):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    _remove_dead_temps(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         folder, name = str(gguf_path.parent), gguf_path.name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -99,6 +100,28 @@ def _convert_gguf(gguf_path, target):
     return target
 
 
+def _remove_dead_temps(target):
+    """Remove conversion folders beside ``target`` left by processes that died (kill -9, power cut)."""
+    for p in target.parent.glob(f"{target.name}.tmp-*"):
+        try:
+            pid = int(p.name[len(f"{target.name}.tmp-"):].split("-")[0])
+        except ValueError:
+            pid = None  # an older rmkit's name, without the pid: stale unless very recent
+            if p.stat().st_mtime > __import__("time").time() - 3600:
+                continue
+        if pid is not None and pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # still converting
+            except ProcessLookupError:
+                pass
+            except OSError:
+                continue
+        elif pid == os.getpid():
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def resolve_backbone(name):
     """Return a local folder for ``name`` or the Hugging Face id unchanged.
 
@@ -113,6 +136,7 @@ def resolve_backbone(name):
         target = cache_dir() / "backbones" / EMBEDDED_BACKBONE
         if not (target / _COMPLETE_MARK).is_file():
             with _LOCK:
+                _remove_dead_temps(target)
                 if target.exists() and not (target / _COMPLETE_MARK).is_file():
                     shutil.rmtree(target)  # left by a crash before the completion mark
                 if not target.exists():
