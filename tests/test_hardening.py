@@ -632,3 +632,16 @@ def test_csv_round_trip_keeps_literal_text(tmp_path_factory, values):
     src = tmp_path_factory.mktemp("csv") / "rows.csv"
     pd.DataFrame({"prompt": ["p"] * len(texts), "response": texts}).to_csv(src, index=False)
     assert load_table(src)["response"].tolist() == texts
+
+
+def test_template_that_hides_user_text_refuses_control_strings():
+    """When a template repeats content (so its place is ambiguous), control-token strings are refused."""
+    tok = _tok()  # a fresh tokenizer: the template change stays local
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }} / {{ m['content'] }}"
+                         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    ok = encode_conversation(tok, [{"role": "user", "content": "Hi"}], "Hello")
+    assert tok.decode(ok.suffix).startswith("Hello")
+    with pytest.raises(ValueError, match="response text contains the tokenizer's control token"):
+        encode_conversation(tok, [{"role": "user", "content": "Hi"}], INJECTED)
+    with pytest.raises(ValueError, match="control token"):
+        encode_prompt(tok, [{"role": "user", "content": INJECTED}])
