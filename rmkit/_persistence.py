@@ -905,24 +905,36 @@ def _swap_into_place(tmp, target):
     os.rename(aside, tmp)
 
 
-def _temp_owner(p, target):
-    """PID of the process that made the temporary folder ``p``, or None."""
+def _host_tag():
+    """A short tag of this machine: temporary folders of other hosts (or containers) are judged by age."""
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:6]
+
+
+def _temp_in_use(p, target, *, max_age=3600.0):
+    """Whether the temporary folder ``p`` may still belong to a running save."""
+    import time
+
+    parts = p.name[len(_temp_prefix(target)):].split("-")
     try:
-        return int(p.name[len(_temp_prefix(target)):].split("-")[0])
+        pid = int(parts[0])
     except ValueError:
-        return None
-
-
-def _alive(pid):
-    if pid is None or pid == os.getpid():
-        return pid is not None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
+        pid = None
+    if pid is not None and len(parts) > 2 and parts[1] == _host_tag():
+        if pid == os.getpid():
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            return True
         return True
-    return True
+    try:  # another machine or container (its PIDs mean nothing here), or an unknown name: by age
+        return time.time() - p.stat().st_mtime < max_age
+    except OSError:
+        return False
 
 
 def _remove_stale_temps(target):
@@ -939,7 +951,7 @@ def _remove_stale_temps(target):
     except OSError:
         return
     for p in temps:
-        if _alive(_temp_owner(p, target)):
+        if _temp_in_use(p, target):
             continue
         try:
             if p.name.endswith("-previous") and not target.exists():
@@ -953,7 +965,7 @@ def _remove_stale_temps(target):
 def _save_in_flight(target):
     """True while a live process has a temporary folder beside ``target``."""
     try:
-        return any(_alive(_temp_owner(p, target)) for p in target.parent.glob(_temp_prefix(target) + "*"))
+        return any(_temp_in_use(p, target) for p in target.parent.glob(_temp_prefix(target) + "*"))
     except OSError:
         return False
 
@@ -1039,7 +1051,7 @@ def save(model, directory):
         "model": root,
     }
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(target)}{os.getpid()}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(target)}{os.getpid()}-{_host_tag()}-", dir=target.parent))
     try:
         umask = _umask()
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a save is an ordinary folder
