@@ -137,7 +137,12 @@ def _read_file(p):
         if name.endswith(".csv"):
             return _read_csv(p)
         if name.endswith(".parquet"):
-            return pd.read_parquet(p)
+            try:
+                return pd.read_parquet(p)
+            except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+                if isinstance(exc, (FileNotFoundError, PermissionError)):
+                    raise
+                raise ValueError(f"{p} is not a readable parquet file (truncated or corrupt?): {exc}") from None
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise ValueError(f"{p} is a truncated or corrupt {'gzip' if gz else ''} file ({type(exc).__name__}: {exc}).") from None
     except UnicodeDecodeError as exc:
@@ -146,10 +151,6 @@ def _read_file(p):
         raise ValueError(f"{p}: not a well-formed CSV file ({exc}).") from None
     except pd.errors.EmptyDataError:
         raise ValueError(f"{p} is empty.") from None
-    except (OSError, ImportError) as exc:
-        if name.endswith(".parquet") and not isinstance(exc, (FileNotFoundError, PermissionError)):
-            raise ValueError(f"{p} is not a readable parquet file ({exc}).") from None
-        raise
     raise ValueError(f"Unknown file type for {p}: use .jsonl, .json, .csv or .parquet (optionally .gz).")
 
 

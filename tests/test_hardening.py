@@ -645,3 +645,12 @@ def test_template_that_hides_user_text_refuses_control_strings():
         encode_conversation(tok, [{"role": "user", "content": "Hi"}], INJECTED)
     with pytest.raises(ValueError, match="control token"):
         encode_prompt(tok, [{"role": "user", "content": INJECTED}])
+
+
+def test_truncated_parquet_is_named(tmp_path):
+    src = tmp_path / "rows.parquet"
+    pd.DataFrame({"prompt": ["a"] * 50, "response": ["b"] * 50}).to_parquet(src)
+    data = src.read_bytes()
+    src.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="rows.parquet is not a readable parquet file"):
+        load_table(src)
