@@ -123,6 +123,7 @@ def test_judge_backend_uses_the_safe_encoding(monkeypatch, tiny):
     assert seen == [[{"role": "user", "content": INJECTED}]]
 
 
+@pytest.mark.slow
 def test_cli_scores_injected_text_as_one_turn(tmp_path, tiny):
     from sklearn.linear_model import Ridge
     from sklearn.pipeline import make_pipeline
