@@ -1,8 +1,9 @@
 """Command line: ``python -m rmkit score ...`` and ``python -m rmkit info``.
 
 ``score`` loads a model saved with :func:`rmkit.save` (a directory) or with
-joblib (a path ending in ``.joblib``/``.pkl``: unpickling runs code, so only
-load such files from people you trust), reads pointwise rows
+joblib (a path ending in ``.joblib``/``.pkl``: unpickling runs code, so such
+files are refused unless ``--trust-pickle`` is given; pass it only for files
+from people you trust), reads pointwise rows
 (``prompt``/``messages`` + ``response``) or preference pairs (``prompt`` +
 ``chosen`` + ``rejected``) from a JSONL, CSV or parquet file, and writes the
 input rows with added score columns to JSONL, CSV or parquet:
@@ -51,6 +52,9 @@ def _build_parser():
     score.add_argument("--device", default=None,
                        help="load an rmkit.save model on this device (e.g. cpu, cuda); default: as saved")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
+    score.add_argument("--trust-pickle", action="store_true",
+                       help="allow a .joblib/.pkl model: unpickling runs any code the file contains, "
+                            "so only for files from people you trust")
 
     sub.add_parser("info", help="print versions, the cache location and the compute device",
                    description="Print rmkit's version, where it caches backbones and features, and the device.")
@@ -63,15 +67,31 @@ def _version():
     return __version__
 
 
-def load_model(path, *, device=None):
-    """Load a model from an :func:`rmkit.save` directory or a joblib file."""
+def load_model(path, *, device=None, trust_pickle=False):
+    """Load a model from an :func:`rmkit.save` directory or (with ``trust_pickle``) a joblib file."""
     path = Path(path).expanduser()
     if path.suffix.lower() in _PICKLE_SUFFIXES:
         if not path.is_file():
             raise CLIError(f"No model file {path}.")
+        if not trust_pickle:
+            raise CLIError(
+                f"{path} is a pickle (joblib) file: loading it runs whatever code it contains. Pass "
+                "--trust-pickle only if you trust whoever wrote it, or ask for a folder written by rmkit.save."
+            )
+        import pickle
+
         import joblib
 
-        return joblib.load(path)
+        try:
+            return joblib.load(path)
+        except (EOFError, pickle.UnpicklingError, ValueError, IndexError, KeyError, OSError) as exc:
+            raise CLIError(f"{path} is not a readable joblib file (truncated or corrupt?): "
+                           f"{type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # struct.error, zlib.error, ... from a damaged file
+            if type(exc).__module__ in ("struct", "zlib", "_struct"):
+                raise CLIError(f"{path} is not a readable joblib file (truncated or corrupt?): "
+                               f"{type(exc).__name__}: {exc}") from None
+            raise
     if not path.exists():
         raise CLIError(f"No model at {path}: pass a directory written by rmkit.save or a .joblib file.")
     if not path.is_dir():
@@ -176,7 +196,7 @@ def _score(args):
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, trust_pickle=args.trust_pickle)
     if not hasattr(model, "predict"):
         raise CLIError(f"The model at {args.model} ({type(model).__name__}) has no predict method.")
     _quiet(model)
@@ -227,7 +247,7 @@ def main(argv=None):
         return 2
     try:
         return {"score": _score, "info": _info}[args.command](args)
-    except (CLIError, ValueError, TypeError, FileNotFoundError) as exc:
+    except (CLIError, ValueError, TypeError, OSError) as exc:  # PersistenceError is a ValueError
         if os.environ.get("RMKIT_DEBUG"):
             raise
         print(f"rmkit {args.command}: error: {exc}", file=sys.stderr)

@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -29,7 +30,6 @@ import torch
 EMBEDDED_BACKBONE = "smollm2-135m-instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _COMPLETE_MARK = ".rmkit-complete"
-_HASH_FILE = ".rmkit-weights-sha256"
 _LOCK = threading.RLock()
 _LOADED: dict = {}
 
@@ -75,7 +75,8 @@ def _convert_gguf(gguf_path, target):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    _remove_dead_temps(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         folder, name = str(gguf_path.parent), gguf_path.name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -99,6 +100,28 @@ def _convert_gguf(gguf_path, target):
     return target
 
 
+def _remove_dead_temps(target):
+    """Remove conversion folders beside ``target`` left by processes that died (kill -9, power cut)."""
+    for p in target.parent.glob(f"{target.name}.tmp-*"):
+        try:
+            pid = int(p.name[len(f"{target.name}.tmp-"):].split("-")[0])
+        except ValueError:
+            pid = None  # an older rmkit's name, without the pid: stale unless very recent
+            if p.stat().st_mtime > __import__("time").time() - 3600:
+                continue
+        if pid is not None and pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # still converting
+            except ProcessLookupError:
+                pass
+            except OSError:
+                continue
+        elif pid == os.getpid():
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def resolve_backbone(name):
     """Return a local folder for ``name`` or the Hugging Face id unchanged.
 
@@ -113,6 +136,7 @@ def resolve_backbone(name):
         target = cache_dir() / "backbones" / EMBEDDED_BACKBONE
         if not (target / _COMPLETE_MARK).is_file():
             with _LOCK:
+                _remove_dead_temps(target)
                 if target.exists() and not (target / _COMPLETE_MARK).is_file():
                     shutil.rmtree(target)  # left by a crash before the completion mark
                 if not target.exists():
@@ -124,23 +148,50 @@ def resolve_backbone(name):
         return Path(tiny_backbone())
     path = Path(name).expanduser()
     if path.exists():
+        if not path.is_dir():
+            raise FileNotFoundError(f"Backbone {name!r} is a file, not a model folder (with config.json).")
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"Backbone folder {path} has no config.json.")
         return path
+    if looks_like_path(name):
+        raise FileNotFoundError(
+            f"Backbone folder {path} does not exist (and {name!r} is not a Hugging Face model id of the form "
+            f"'org/name'). Pass an existing folder, {EMBEDDED_BACKBONE!r}, 'rmkit-tiny' or a hub id."
+        )
     return name
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def looks_like_path(name):
+    """True when ``name`` can only be a local folder, not a Hugging Face hub id ("org/name").
+
+    Examples
+    --------
+    >>> looks_like_path("HuggingFaceTB/SmolLM2-135M"), looks_like_path("./models/x"), looks_like_path("/a/b")
+    (False, True, True)
+    """
+    name = str(name)
+    return (os.path.isabs(name) or name.startswith(("~", ".")) or "\\" in name
+            or not _HUB_ID.match(name) or name.endswith((".json", ".safetensors", ".gguf")))
 
 
 def weights_fingerprint(name):
     """SHA-256 over the backbone's weight files (memoised beside them).
 
-    Hub ids that are not downloaded yet are fingerprinted by their name.
+    Hub ids that are not downloaded yet are fingerprinted by their name. The
+    memo is kept under ``<rmkit cache>/fingerprints``; the backbone folder is
+    only read.
     """
     path = resolve_backbone(name)
     if not isinstance(path, Path):
         return hashlib.sha256(f"hub:{path}".encode()).hexdigest()
     files = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".json"} and p.is_file())
     stamp = json.dumps([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
-    memo = path / _HASH_FILE
+    # The memo lives in rmkit's own cache, never in the backbone folder: fingerprinting reads only.
+    where = hashlib.sha256(os.path.realpath(path).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    memo = cache_dir() / "fingerprints" / f"{where}.json"
     try:
         saved = json.loads(memo.read_text())
         if saved["stamp"] == stamp:
@@ -155,9 +206,12 @@ def weights_fingerprint(name):
                 h.update(chunk)
     digest = h.hexdigest()
     try:
-        memo.write_text(json.dumps({"stamp": stamp, "sha256": digest}))
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"path": os.path.realpath(path), "stamp": stamp, "sha256": digest}))
+        os.replace(tmp, memo)  # atomic: a killed process never leaves a half-written memo
     except OSError:
-        pass  # read-only folder: recompute next time
+        pass  # read-only cache: recompute next time
     return digest
 
 
@@ -196,13 +250,25 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def _clear_load_errors(name, path, what):
+    """Turn transformers' errors for an unusable backbone into one that names it."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        where = f"folder {path}" if isinstance(path, Path) else f"Hugging Face id {name!r} (not a local folder)"
+        raise OSError(f"Cannot load the {what} of backbone {name!r} from the {where}: {exc}") from exc
+
+
 def load_tokenizer(name):
     from transformers import AutoTokenizer
 
     key = ("tokenizer", str(name))
     with _LOCK:
         if key not in _LOADED:
-            _LOADED[key] = AutoTokenizer.from_pretrained(str(resolve_backbone(name)))
+            path = resolve_backbone(name)
+            with _clear_load_errors(name, path, "tokenizer"):
+                _LOADED[key] = AutoTokenizer.from_pretrained(str(path))
         return _LOADED[key]
 
 
@@ -215,7 +281,7 @@ def load_backbone(name, *, dtype="float32", device="auto"):
     path = resolve_backbone(name)
     with _LOCK:
         if key not in _LOADED:
-            with _quiet_transformers():
+            with _quiet_transformers(), _clear_load_errors(name, path, "model"):
                 model = AutoModel.from_pretrained(str(path), dtype=dtype)
             model.requires_grad_(False)
             _LOADED[key] = model.to(device).eval()

@@ -20,12 +20,50 @@ __all__ = ["as_frame", "infer_kind", "PairData", "PointwiseData", "read_pointwis
 _ROLES = ("system", "user", "assistant")
 
 
+def _find_surrogate(data):
+    """``(row, column, char)`` of the first lone surrogate in records or columns, else ``None``."""
+    records = data if isinstance(data, (list, tuple)) else None
+    if records is None:
+        cols = {k: (v if isinstance(v, (list, tuple, np.ndarray, pd.Series)) else [v]) for k, v in data.items()}
+        records = [dict(zip(cols, vals)) for vals in zip(*cols.values())]
+    for i, rec in enumerate(records):
+        for col, value in (rec.items() if isinstance(rec, dict) else []):
+            stack = [value]
+            while stack:
+                v = stack.pop()
+                if isinstance(v, str):
+                    try:
+                        v.encode("utf-8")
+                    except UnicodeEncodeError as exc:
+                        return i, col, exc.start, v[exc.start]
+                elif isinstance(v, dict):
+                    stack.extend(v.values())
+                elif isinstance(v, (list, tuple)):
+                    stack.extend(v)
+    return None
+
+
+def frame(data, *, name="X"):
+    """``pd.DataFrame(data)`` with a clear error for text that is not valid Unicode."""
+    try:
+        return pd.DataFrame(data)
+    except UnicodeEncodeError:
+        hit = _find_surrogate(data)
+        if hit is None:
+            raise
+        row, col, pos, ch = hit
+        raise ValueError(
+            f"{name}: column {col!r} at row {row} is not valid Unicode: a lone surrogate {ch!r} at character "
+            f"{pos} (often a broken JSON \\ud83d-style escape or a mis-decoded file)."
+        ) from None
+
+
 def as_frame(X, *, name="X"):
     """Return ``X`` as a DataFrame without copying a DataFrame input."""
     if isinstance(X, pd.DataFrame):
         return X
     if isinstance(X, dict):
-        return pd.DataFrame(X)
+        return frame(X, name=name)
     if isinstance(X, (list, tuple)):
         if len(X) == 0:
             raise ValueError(f"{name} is empty: expected at least one row.")
@@ -34,7 +72,7 @@ def as_frame(X, *, name="X"):
                 f"{name} must be a DataFrame, a list of dicts or a dict of lists; "
                 f"got a list containing {type(next(r for r in X if not isinstance(r, dict))).__name__}."
             )
-        return pd.DataFrame(list(X))
+        return frame(list(X), name=name)
     if isinstance(X, np.ndarray):
         raise TypeError(
             f"{name} is a numpy array, but this step needs text: pass a DataFrame with "
@@ -62,7 +100,48 @@ def _check_text(values, column):
             raise TypeError(f"Column '{column}' must hold strings; row {i} is {type(v).__name__}.")
         if not v.strip():
             raise ValueError(f"Column '{column}' has an empty text at row {i}.")
+        _check_unicode(v, f"Column '{column}' at row {i}")
     return list(values)
+
+
+def _check_unicode(text, where):
+    """Refuse lone surrogates (text that no encoder, hence no tokenizer, can take)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{where} is not valid Unicode: a lone surrogate {text[exc.start]!r} at character {exc.start} "
+            "(often a broken JSON \\ud83d-style escape or a mis-decoded file)."
+        ) from None
+
+
+def check_labels(values, column):
+    """Refuse a label column that mixes types whose text looks the same (``1`` and ``"1"``).
+
+    Such labels sort and compare inconsistently (scikit-learn's encoders fail
+    with an obscure ``TypeError``), and almost always come from a file read
+    with different type inference in different places.
+
+    Examples
+    --------
+    >>> check_labels(["math", "code", "math"], "task")
+    ['math', 'code', 'math']
+    >>> check_labels([1, "1"], "task")
+    Traceback (most recent call last):
+    ...
+    ValueError: Column 'task' mixes label types int and str that print alike (1 and '1'): use one type for all labels.
+    """
+    values = list(values)
+    seen = {}
+    for v in values:
+        key = str(v)
+        other = seen.setdefault(key, v)
+        if type(other) is not type(v) and other != v:
+            raise ValueError(
+                f"Column '{column}' mixes label types {type(other).__name__} and {type(v).__name__} that print "
+                f"alike ({other!r} and {v!r}): use one type for all labels."
+            )
+    return values
 
 
 def _check_messages(values):
@@ -83,6 +162,7 @@ def _check_messages(values):
                 raise ValueError(f"Wrong role order at row {i}: a 'system' message may only come first (found at {j}).")
             if not isinstance(content, str) or not content.strip():
                 raise ValueError(f"messages[{j}] at row {i} has empty or non-string content.")
+            _check_unicode(content, f"messages[{j}] at row {i}")
             clean.append({"role": role, "content": content})
         turns = [m["role"] for m in clean if m["role"] != "system"]
         if not turns or turns[-1] != "user":

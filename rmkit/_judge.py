@@ -39,6 +39,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._backbones import EMBEDDED_BACKBONE, cache_dir, load_tokenizer, resolve_backbone, resolve_device, resolve_dtype
 from ._data import as_frame, read_pairs
+from ._templating import encode_prompt
 
 __all__ = [
     "CapabilityLabeler",
@@ -273,8 +274,7 @@ class TransformersChatBackend:
         out = []
         for start in range(0, len(conversations), self.batch_size):
             chunk = conversations[start:start + self.batch_size]
-            ids = [tok(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
-                       add_special_tokens=False)["input_ids"] for m in chunk]
+            ids = [list(encode_prompt(tok, m)) for m in chunk]  # user text never becomes control tokens
             width = max(map(len, ids))
             # Left padding (built here: the shared tokenizer's padding side is left alone).
             input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
@@ -474,10 +474,39 @@ class CapabilityLabeler(TransformerMixin, BaseEstimator):
         self.capabilities_ = self._check_capabilities()
         if int(self.chunk_size) < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size!r}.")
+        self._check_template()
+        if isinstance(self.backend, str) and self.backend != "local":
+            from ._backbones import looks_like_path
+
+            if looks_like_path(self.backend):
+                resolve_backbone(self.backend)  # a clear error for a folder that does not exist
         self.backend_ = _as_backend(self.backend)
         if X is not None:
             read_pairs(X)
         return self
+
+    def _check_template(self):
+        import string
+
+        template = self.template or JUDGE_TEMPLATE
+        if not isinstance(template, str):
+            raise TypeError(f"template must be a str.format string, got {type(template).__name__}.")
+        allowed = {"name", "description", "conversation", "a", "b"}
+        hint = ("It may use only the fields {name}, {description}, {conversation}, {a}, {b}; write literal "
+                "braces as {{ and }}.")
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"template is not a valid format string ({exc}). {hint}") from None
+        unknown = {f.split(".")[0].split("[")[0] for f in fields} - allowed
+        if unknown:
+            raise ValueError(f"template uses unknown field(s) {sorted(unknown)}. {hint}")
+        try:
+            template.format(name="n", description="d", conversation="c", a="x", b="y")
+        except (KeyError, IndexError, ValueError, AttributeError) as exc:
+            raise ValueError(f"template is not a valid format string ({type(exc).__name__}: {exc}). {hint}") from None
+        if not {"a", "b"} <= fields:
+            raise ValueError("template must show both responses: it needs the fields {a} and {b}.")
 
     def _store(self):
         if self.cache is False or self.cache is None or getattr(self.backend_, "cache_id", None) is None:

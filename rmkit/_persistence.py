@@ -64,15 +64,14 @@ name at another location holding the same weights).
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import errno
 import functools
 import hashlib
 import inspect
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -238,8 +237,16 @@ def _builtin_allowed(cls):
         from skorch.callbacks import Callback
         from skorch.dataset import Dataset, ValidSplit
 
+        if cls.__name__ in _SKORCH_WRITERS:
+            return False  # they create folders or files when the net is initialised
         return issubclass(cls, (skorch.NeuralNet, Callback, Dataset, ValidSplit))
     return False
+
+
+# skorch callbacks with side effects at load time (Checkpoint makes its folder in initialize()),
+# refused unless the user registers them with register_safe_class.
+_SKORCH_WRITERS = {"Checkpoint", "TrainEndCheckpoint", "LoadInitState", "TensorBoard", "WandbLogger",
+                   "NeptuneLogger", "SacredLogger", "MlflowLogger", "ClearMLLogger"}
 
 
 def _import_rmkit_modules():
@@ -530,6 +537,63 @@ _TAGS = {f"__{t}__" for t in ("float", "np_scalar", "np_dtype", "np_type", "torc
                                "object", "hooked", "class")}
 
 
+_SIZE_NAME = re.compile(r"(size|dim|features|width|units)$")
+_COUNT_NAME = re.compile(r"(^n_|^num_|layers$|heads$|rank$|objectives$|experts$)")
+_UNBOUNDED = re.compile(r"batch|chunk|max_|min_|epoch|seed|random_state|workers|steps|patience|verbose|length")
+MAX_DECLARED_SIZE = 1 << 16   # hidden sizes, feature widths: real backbones stay far below
+MAX_DECLARED_COUNT = 1 << 12  # layers, heads, ranks, objectives
+
+
+def _check_declared_sizes(params, path):
+    """Refuse parameters that would make the constructor allocate absurd amounts (a crafted file)."""
+    for key, value in params.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        name = key.rsplit("__", 1)[-1]
+        if _UNBOUNDED.search(name):
+            continue
+        limit = MAX_DECLARED_SIZE if _SIZE_NAME.search(name) else MAX_DECLARED_COUNT if _COUNT_NAME.search(name) \
+            else None
+        if limit is not None and not -1 <= value <= limit:
+            raise IntegrityError(f"{MANIFEST} declares {path}.{key} = {value}, beyond the bound {limit} rmkit.load "
+                                 "accepts for such a size; the file was crafted or corrupted.")
+
+
+def _inside(path, root):
+    try:
+        return os.path.commonpath([os.path.realpath(path), os.path.realpath(root)]) == os.path.realpath(root)
+    except ValueError:  # different drives
+        return False
+
+
+def _backbone_allowed(name, remap):
+    """Whether ``load`` may read backbone ``name``, as named by the saved file.
+
+    Allowed: names the caller remapped with ``backbones=`` (their explicit
+    choice), the embedded and tiny backbones, Hugging Face hub ids, and folders
+    inside rmkit's own cache. Any other folder is named by the file only, so
+    it is not read (nor hashed) unless the caller confirms it.
+    """
+    from ._backbones import EMBEDDED_BACKBONE, cache_dir, looks_like_path
+
+    if name in remap or name in (EMBEDDED_BACKBONE, "rmkit-tiny"):
+        return True
+    expanded = os.path.expanduser(name)
+    if not looks_like_path(name) and not os.path.exists(expanded):
+        return True
+    return _inside(expanded, cache_dir())
+
+
+def _refuse_backbone(name):
+    from ._backbones import cache_dir
+
+    raise BackboneMismatchError(
+        f"The save names backbone folder {name!r}, which is outside rmkit's cache ({cache_dir()}); rmkit.load "
+        "does not read folders chosen by a file. If you trust this save and that folder, confirm it with "
+        f"rmkit.load(..., backbones={{{name!r}: {name!r}}}) (or map it to where the same weights are now)."
+    )
+
+
 class _Reader:
     def __init__(self, tensors, *, device=None, backbones=None):
         self.tensors = tensors
@@ -700,6 +764,18 @@ class _Reader:
         backbone = params.get("backbone")
         if isinstance(backbone, str) and backbone in self.backbones:
             params["backbone"] = os.fspath(self.backbones[backbone])
+        elif isinstance(backbone, str) and not _backbone_allowed(backbone, self.backbones):
+            _refuse_backbone(backbone)
+        cache = params.get("cache")
+        if isinstance(cache, str):
+            from ._backbones import cache_dir
+
+            if not _inside(os.path.expanduser(cache), cache_dir()):
+                warnings.warn(f"{path}: the saved cache folder {cache!r} is outside rmkit's cache; the loaded "
+                              "model uses the default cache instead (set_params(cache=...) to choose one).",
+                              stacklevel=4)
+                params["cache"] = True
+        _check_declared_sizes(params, path)
         return params
 
     def _destimator(self, body, path):
@@ -798,34 +874,26 @@ def _sha256(path):
     return h.hexdigest()
 
 
-def _exchange(a, b):
-    """Atomically swap two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False when unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), os.fspath(b))
+_TMP_MARK = ".rmkit-tmp-"
+
+
+def _temp_prefix(target):
+    return f".{target.name}{_TMP_MARK}"
 
 
 def _swap_into_place(tmp, target):
     """Make ``tmp`` the new ``target``; afterwards ``tmp`` holds the previous save (if any).
 
-    The exchange is atomic where the OS supports it; otherwise the previous
-    save is renamed aside first and put back if the second rename fails.
+    Two plain renames (portable): the previous save is first renamed aside to
+    ``<tmp>-previous``, then ``tmp`` takes its place; if the second rename
+    fails the previous save is put back. Readers never see a mix of the two
+    saves (:func:`load` checks the tensors against the manifest it read and
+    retries while a save is in flight), and a process killed between the two
+    renames leaves the previous save aside, where the next :func:`save` or
+    :func:`load` puts it back.
     """
     if not target.exists():
         os.rename(tmp, target)
-        return
-    if _exchange(tmp, target):
         return
     aside = tmp.with_name(tmp.name + "-previous")
     os.rename(target, aside)
@@ -837,16 +905,69 @@ def _swap_into_place(tmp, target):
     os.rename(aside, tmp)
 
 
-def _remove_stale_temps(target):
-    """Remove temporary folders left beside ``target`` by saves whose process died."""
-    for p in target.parent.glob(f".{target.name}.rmkit-tmp-*"):
+def _host_tag():
+    """A short tag of this machine: temporary folders of other hosts (or containers) are judged by age."""
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:6]
+
+
+def _temp_in_use(p, target, *, max_age=3600.0):
+    """Whether the temporary folder ``p`` may still belong to a running save."""
+    import time
+
+    parts = p.name[len(_temp_prefix(target)):].split("-")
+    try:
+        pid = int(parts[0])
+    except ValueError:
+        pid = None
+    if pid is not None and len(parts) > 2 and parts[1] == _host_tag():
+        if pid == os.getpid():
+            return True
         try:
-            pid = int(p.name[len(f".{target.name}.rmkit-tmp-"):].split("-")[0])
             os.kill(pid, 0)
         except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except (ValueError, PermissionError, OSError):
+            return False
+        except OSError:
+            return True
+        return True
+    try:  # another machine or container (its PIDs mean nothing here), or an unknown name: by age
+        return time.time() - p.stat().st_mtime < max_age
+    except OSError:
+        return False
+
+
+def _remove_stale_temps(target):
+    """Clean what saves whose process died left beside ``target``.
+
+    A half-written copy is removed; a previous save left aside by a process
+    killed between its two renames is put back when ``target`` is missing
+    (it is the last committed save). Folders of live processes are left
+    alone. Errors (a read-only parent) are ignored: the temporary folders are
+    hidden and never loaded as saves.
+    """
+    try:
+        temps = sorted(target.parent.glob(_temp_prefix(target) + "*"))
+    except OSError:
+        return
+    for p in temps:
+        if _temp_in_use(p, target):
+            continue
+        try:
+            if p.name.endswith("-previous") and not target.exists():
+                os.rename(p, target)
+            else:
+                shutil.rmtree(p)
+        except OSError:
             pass
+
+
+def _save_in_flight(target):
+    """True while a live process has a temporary folder beside ``target``."""
+    try:
+        return any(_temp_in_use(p, target) for p in target.parent.glob(_temp_prefix(target) + "*"))
+    except OSError:
+        return False
 
 
 def _umask():
@@ -912,6 +1033,7 @@ def save(model, directory):
     from safetensors.torch import save_file
 
     target = Path(directory).expanduser().absolute()
+    _remove_stale_temps(target)
     if target.exists():
         if not target.is_dir():
             raise PersistenceError(f"{target} exists and is not a directory.")
@@ -929,8 +1051,7 @@ def save(model, directory):
         "model": root,
     }
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.rmkit-tmp-{os.getpid()}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(target)}{os.getpid()}-{_host_tag()}-", dir=target.parent))
     try:
         umask = _umask()
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a save is an ordinary folder
@@ -952,25 +1073,34 @@ def save(model, directory):
     return target
 
 
-def _read_manifest(directory):
-    path = directory / MANIFEST
-    if not directory.is_dir():
-        raise FileNotFoundError(f"No saved model at {directory}: the directory does not exist.")
+def _read_inside(directory, name):
+    """Bytes of ``directory/name``, refusing a symlink or anything that leads outside ``directory``."""
+    path = directory / name
+    if path.is_symlink() or (path.exists() and os.path.realpath(path.parent) != os.path.realpath(directory)):
+        raise PersistenceError(f"{path} is a symbolic link; rmkit.load reads only files inside the save folder.")
     if not path.is_file():
-        raise PersistenceError(f"{directory} is not an rmkit save: it has no {MANIFEST}.")
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _parse_manifest(directory, raw):
+    path = directory / MANIFEST
 
     def refuse_constant(value):
         raise ValueError(f"non-standard JSON constant {value}")
 
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse_constant)
+        manifest = json.loads(raw.decode("utf-8"), parse_constant=refuse_constant)
+    except RecursionError:
+        raise IntegrityError(f"{path} nests too deeply to be a saved model.") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise IntegrityError(f"{path} is not valid JSON (truncated or edited?): {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise PersistenceError(f"{path} is not an rmkit save manifest (no \"format\": \"{FORMAT}\").")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        newer = isinstance(version, int) and version > FORMAT_VERSION
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
         raise PersistenceError(
             f"{directory} uses save format version {version!r}, but this rmkit reads version {FORMAT_VERSION}"
             + (": it was written by a newer rmkit; upgrade rmkit to load it." if newer else
@@ -979,35 +1109,101 @@ def _read_manifest(directory):
     return manifest
 
 
-def _read_tensors(directory, manifest):
+def _read_manifest(directory):
+    if not directory.is_dir():
+        raise FileNotFoundError(f"No saved model at {directory}: the directory does not exist.")
+    raw = _read_inside(directory, MANIFEST)
+    if raw is None:
+        raise PersistenceError(f"{directory} is not an rmkit save: it has no {MANIFEST}.")
+    return _parse_manifest(directory, raw)
+
+
+def _check_tensors(directory, manifest, data):
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_bytes
 
     info = manifest.get("tensors")
     if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) or not isinstance(info.get("sha256"), str):
         raise IntegrityError(f"{directory / MANIFEST} does not record the size and SHA-256 of {TENSORS}.")
     path = directory / TENSORS  # fixed name: the manifest never chooses which file is read
-    if not path.is_file():
+    if data is None:
         raise IntegrityError(f"{path} is missing.")
-    size = path.stat().st_size
-    if size != info["bytes"]:
+    if len(data) != info["bytes"]:
         raise IntegrityError(
-            f"{path} is {size} bytes but was saved as {info['bytes']} bytes: the file is truncated or altered."
+            f"{path} is {len(data)} bytes but was saved as {info['bytes']} bytes: the file is truncated or altered."
         )
-    if _sha256(path) != info["sha256"]:
+    if hashlib.sha256(data).hexdigest() != info["sha256"]:
         raise IntegrityError(f"{path} does not match the SHA-256 recorded when it was saved: the file was altered "
                              "(tampered with or corrupted).")
     try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
+        return load_bytes(data)  # the very bytes that were hashed: no second read that a save could change
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise IntegrityError(f"{path} is not a readable safetensors file: {exc}") from None
+
+
+def _read_save(directory, *, wait=30.0):
+    """``(manifest, tensors)`` of one consistent save at ``directory``.
+
+    A concurrent :func:`save` replaces the folder with two renames; a reader
+    that sees the folder missing, or a tensors file that does not match the
+    manifest it read, retries while the manifest changes under it or a live
+    process is saving there, so it returns the old or the new save, never a
+    mix, and raises only for a save that stays broken.
+    """
+    import time
+
+    directory = Path(directory)
+    if _TMP_MARK in directory.name:
+        raise PersistenceError(f"{directory} is the temporary folder of an unfinished rmkit.save, not a save.")
+    _remove_stale_temps(directory.absolute())
+    deadline = time.monotonic() + wait
+    delay = 0.01
+    while True:
+        raw = None
+        try:
+            if not directory.is_dir():
+                raise FileNotFoundError(f"No saved model at {directory}: the directory does not exist.")
+            raw = _read_inside(directory, MANIFEST)
+            if raw is None:
+                raise PersistenceError(f"{directory} is not an rmkit save: it has no {MANIFEST}.")
+            manifest = _parse_manifest(directory, raw)
+            tensors = _check_tensors(directory, manifest, _read_inside(directory, TENSORS))
+            if _read_inside(directory, MANIFEST) == raw:
+                return manifest, tensors
+            error = None  # the save was replaced while reading: read again
+        except (FileNotFoundError, IntegrityError) as exc:
+            error = exc
+            try:
+                changed = raw is not None and _read_inside(directory, MANIFEST) != raw
+            except (OSError, PersistenceError):
+                changed = True
+            if not changed and not _save_in_flight(directory.absolute()):
+                raise
+        except PersistenceError:
+            raise
+        except OSError as exc:  # a file vanished between the check and the read: a save in flight?
+            error = PersistenceError(f"{directory} cannot be read: {exc}")
+            if not _save_in_flight(directory.absolute()):
+                raise error from None
+        if time.monotonic() > deadline:
+            if error is not None:
+                raise error
+            raise PersistenceError(f"{directory} kept changing for {wait:.0f} s while loading (saves in a loop?).")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
 
 
 def _check_backbones(manifest, remap):
     from ._backbones import weights_fingerprint
 
-    for entry in manifest.get("backbones") or []:
+    entries = manifest.get("backbones") or []
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str)
+                                                and isinstance(e.get("sha256"), str) for e in entries):
+        raise IntegrityError(f"{MANIFEST}: 'backbones' must be a list of {{name, sha256}} strings.")
+    for entry in entries:
         name, saved = entry.get("name"), entry.get("sha256")
+        if not _backbone_allowed(name, remap):
+            _refuse_backbone(name)
         where = os.fspath(remap.get(name, name))
         try:
             if os.path.isabs(where) and not os.path.isdir(where):
@@ -1021,7 +1217,7 @@ def _check_backbones(manifest, remap):
         if current != saved:
             raise BackboneMismatchError(
                 f"The model was fitted on backbone {name!r} with weights sha256 {str(saved)[:12]}..., but "
-                f"{where!r} now has weights sha256 {current[:12]}...: its features would not match what the "
+                f"{where!r} now has different weights: its features would not match what the "
                 "model learned. Point the name at the original weights with "
                 f"backbones={{{name!r}: '<folder>'}} or refit the model."
             )
@@ -1072,15 +1268,19 @@ def load(directory, *, device=None, backbones=None, check_backbones=True):
     array([0, 1])
     """
     directory = Path(directory).expanduser()
-    manifest = _read_manifest(directory)
-    tensors = _read_tensors(directory, manifest)
+    manifest, tensors = _read_save(directory)
     remap = {str(k): v for k, v in (backbones or {}).items()}
     if check_backbones:
         _check_backbones(manifest, remap)
     reader = _Reader(tensors, device=device, backbones=remap)
     try:
         return reader.decode(manifest.get("model"))
+    except PersistenceError:
+        raise
     except RecursionError:
         raise IntegrityError(f"{directory / MANIFEST} nests too deeply to be a saved model.") from None
-    except (KeyError, TypeError) as exc:
-        raise IntegrityError(f"{directory / MANIFEST} is malformed: {type(exc).__name__}: {exc}") from exc
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError, OverflowError,
+            MemoryError, AssertionError, OSError) as exc:
+        # Whatever a crafted or damaged file makes the rebuilding code raise is reported as one error type.
+        raise IntegrityError(f"{directory / MANIFEST} is malformed or describes a model that cannot be rebuilt: "
+                             f"{type(exc).__name__}: {exc}") from exc

@@ -18,9 +18,11 @@ Tokenizers without a chat template use this fallback format::
 
 from __future__ import annotations
 
+import re
+import secrets
 from dataclasses import dataclass
 
-__all__ = ["Encoded", "encode_conversation"]
+__all__ = ["Encoded", "encode_conversation", "encode_prompt"]
 
 _FALLBACK_ROLE = {"system": "System", "user": "User", "assistant": "Assistant"}
 
@@ -44,40 +46,204 @@ def _fallback_render(messages, tokenizer):
     return text + "### Assistant:\n"
 
 
-def _render(tokenizer, messages, response):
-    """Return ``(text, head_end, drop_end, resp_start, resp_end, end)`` char offsets."""
-    first_turn = next(m for m in messages if m["role"] != "system")
-    last_user = messages[-1]
-    if tokenizer.chat_template:
-        prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        text = tokenizer.apply_chat_template(
-            messages + [{"role": "assistant", "content": response}], tokenize=False
+def _placeholders(contents):
+    """One marker per content, absent from every content (private-use code points + a random salt)."""
+    joined = "".join(contents)
+    while True:
+        salt = secrets.token_hex(6)
+        marks = [f"\ue000{salt}-{i}\ue001" for i in range(len(contents))]
+        if not any(k in joined for k in marks):
+            return marks
+
+
+def _apply(tokenizer, messages, response):
+    prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+    if not text.startswith(prompt_text):
+        raise ValueError(
+            "The tokenizer's chat template renders the prompt differently with and without the "
+            "response, so the end of the prompt cannot be located. Pass a tokenizer whose template "
+            "is prefix-consistent (as ChatML and Llama-3 templates are)."
         )
-        if not text.startswith(prompt_text):
-            raise ValueError(
-                "The tokenizer's chat template renders the prompt differently with and without the "
-                "response, so the end of the prompt cannot be located. Pass a tokenizer whose template "
-                "is prefix-consistent (as ChatML and Llama-3 templates are)."
-            )
+    return prompt_text, text
+
+
+def _locate(render, contents, text):
+    """Character spans of ``contents`` in ``text == render(contents)``.
+
+    ``render`` is run once more with a unique marker in place of each content;
+    substituting the contents back must give ``text`` exactly (as is, or
+    stripped for templates that trim), which pins every span down. Returns
+    ``None`` when the template treats content in a way this cannot follow.
+    """
+    marks = _placeholders(contents)
+    try:
+        m_text = render(marks)
+    except ValueError:
+        return None
+    pieces = re.split("(" + "|".join(map(re.escape, marks)) + ")", m_text)
+    for strip in (False, True):
+        values = [c.strip() if strip else c for c in contents]
+        out, spans, pos = [], [None] * len(marks), 0
+        for piece in pieces:
+            if piece in marks:
+                i = marks.index(piece)
+                if spans[i] is not None:
+                    break  # the template repeats a content: ambiguous
+                spans[i] = (pos, pos + len(values[i]))
+                out.append(values[i])
+                pos += len(values[i])
+            else:
+                out.append(piece)
+                pos += len(piece)
+        else:
+            if "".join(out) == text and all(sp is not None for sp in spans):
+                return spans
+    return None
+
+
+def _content_spans(tokenizer, messages, response, text):
+    """Spans of every message content and of the response in the rendered ``text``."""
+
+    def render(marks):
+        marked = [{"role": m["role"], "content": k} for m, k in zip(messages, marks)]
+        if tokenizer.chat_template:
+            return _apply(tokenizer, marked, marks[-1])[1]
+        return _fallback_render(marked, tokenizer) + marks[-1] + (tokenizer.eos_token or "")
+
+    return _locate(render, [m["content"] for m in messages] + [response], text)
+
+
+def encode_prompt(tokenizer, messages):
+    """Token ids of ``messages`` rendered with the generation prompt, user text never read as control tokens.
+
+    Used for prompts sent to a local judge model: the same as
+    ``tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+    tokenize=False), add_special_tokens=False)`` on ordinary text, but a control-token
+    string inside a message (``"<|im_end|>"``) is tokenized as plain characters.
+
+    Examples
+    --------
+    >>> from transformers import AutoTokenizer
+    >>> from rmkit.testing import tiny_backbone
+    >>> tok = AutoTokenizer.from_pretrained(tiny_backbone())
+    >>> ids = encode_prompt(tok, [{"role": "user", "content": "Hi<|im_end|>"}])
+    >>> ids.count(tok.convert_tokens_to_ids("<|im_end|>"))  # the system turn's and the user turn's own
+    2
+    """
+    if tokenizer.chat_template:
+        def render(contents):
+            marked = [{"role": m["role"], "content": c} for m, c in zip(messages, contents)]
+            return tokenizer.apply_chat_template(marked, add_generation_prompt=True, tokenize=False)
+    else:
+        def render(contents):
+            return _fallback_render([{"role": m["role"], "content": c} for m, c in zip(messages, contents)], tokenizer)
+    contents = [m["content"] for m in messages]
+    text = render(contents)
+    spans = _locate(render, contents, text)
+    if spans is None:
+        _refuse_special_strings(tokenizer, messages, None)
+    return tokenize_safely(tokenizer, text, spans or [])[0]
+
+
+def _render(tokenizer, messages, response):
+    """Return ``(text, head_end, drop_end, resp_start, resp_end, end, spans)`` char offsets.
+
+    ``spans`` are the character spans of user-supplied text (or ``None`` when
+    they cannot be located exactly); special tokens must never be parsed there.
+    """
+    if tokenizer.chat_template:
+        prompt_text, text = _apply(tokenizer, messages, response)
     else:
         prompt_text = _fallback_render(messages, tokenizer)
         text = prompt_text + response + (tokenizer.eos_token or "")
+    spans = _content_spans(tokenizer, messages, response, text)
     resp_start = len(prompt_text)
-    resp_body = response
-    idx = text.find(resp_body, resp_start)
-    if idx < 0:  # templates that trim whitespace
-        resp_body = response.strip()
+    if spans is not None:
+        idx, resp_end = spans[-1]
+        if idx < resp_start:
+            spans = None
+    if spans is None:
+        resp_body = response
         idx = text.find(resp_body, resp_start)
-    if idx < 0:
-        raise ValueError("The chat template altered the response text; cannot locate it in the rendered conversation.")
-    resp_end = idx + len(resp_body)
+        if idx < 0:  # templates that trim whitespace
+            resp_body = response.strip()
+            idx = text.find(resp_body, resp_start)
+        if idx < 0:
+            raise ValueError("The chat template altered the response text; cannot locate it in the rendered conversation.")
+        resp_end = idx + len(resp_body)
     end = len(text.rstrip())  # score at the closing token (e.g. <|im_end|>), not at a trailing newline
     end = max(end, resp_end)
-    head_end = prompt_text.find(first_turn["content"])
-    drop_end = prompt_text.rfind(last_user["content"]) + len(last_user["content"])
-    if head_end < 0 or drop_end < head_end:
+    first = next(i for i, m in enumerate(messages) if m["role"] != "system")
+    if spans is not None:
+        head_end, drop_end = spans[first][0], spans[len(messages) - 1][1]
+    else:
+        first_turn, last_user = messages[first], messages[-1]
+        head_end = prompt_text.find(first_turn["content"])
+        drop_end = prompt_text.rfind(last_user["content"]) + len(last_user["content"])
+    if head_end < 0 or drop_end < head_end or drop_end > resp_start:
         head_end = drop_end = resp_start  # nothing safely droppable in the prompt
-    return text, head_end, drop_end, resp_start, resp_end, end
+    return text, head_end, drop_end, resp_start, resp_end, end, spans
+
+
+def _refuse_special_strings(tokenizer, messages, response):
+    """Used only when a template hides where user text lands: refuse control-token strings in it."""
+    strings = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+    fields = [(f"messages[{j}]", m["content"]) for j, m in enumerate(messages)]
+    for where, value in fields + ([("response", response)] if response is not None else []):
+        hit = next((t for t in strings if t in value), None)
+        if hit is not None:
+            raise ValueError(
+                f"The {where} text contains the tokenizer's control token {hit!r}, and this chat template "
+                "does not let rmkit isolate user text; refusing to score text that could pose as template markup."
+            )
+
+
+def _special_ids(tokenizer):
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for tid, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            ids.add(int(tid))
+    return ids
+
+
+def tokenize_safely(tokenizer, text, spans):
+    """Tokenize ``text`` so that no special token comes from inside ``spans``.
+
+    Returns ``(ids, offsets)``. On text whose user spans hold no special-token
+    string this is exactly ``tokenizer(text, add_special_tokens=False)``; when a
+    span does (e.g. a response containing ``"<|im_end|>"``), the text is cut at
+    the template's own special tokens and every piece between them is
+    tokenized with ``split_special_tokens=True``, so the user's copy is read as
+    plain characters, never as a control token.
+    """
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    special = _special_ids(tokenizer)
+
+    def inside(start, stop):
+        return any(a <= start < b or a < stop <= b or (start <= a and b <= stop) for a, b in spans)
+
+    if not any(t in special and inside(*o) for t, o in zip(ids, offsets)):
+        return ids, offsets
+    out_ids, out_offsets, pos = [], [], 0
+    template_specials = [(t, o) for t, o in zip(ids, offsets) if t in special and not inside(*o)]
+    for tid, (start, stop) in template_specials + [(None, (len(text), len(text)))]:
+        if start > pos:
+            piece = tokenizer(text[pos:start], add_special_tokens=False, split_special_tokens=True,
+                              return_offsets_mapping=True)
+            out_ids.extend(piece["input_ids"])
+            out_offsets.extend((a + pos, b + pos) for a, b in piece["offset_mapping"])
+        if tid is not None:
+            out_ids.append(tid)
+            out_offsets.append((start, stop))
+        pos = max(pos, stop)
+    if any(t in special and inside(*o) for t, o in zip(out_ids, out_offsets)):
+        raise ValueError(
+            "The tokenizer turns user text into control tokens even with split_special_tokens=True; "
+            "refusing to score text that could pose as template markup."
+        )
+    return out_ids, out_offsets
 
 
 def encode_conversation(tokenizer, messages, response, max_length=None):
@@ -101,9 +267,10 @@ def encode_conversation(tokenizer, messages, response, max_length=None):
     >>> short.n_dropped, tok.decode(short.suffix)
     (5, '4<|im_end|>')
     """
-    text, head_end, drop_end, resp_start, resp_end, end = _render(tokenizer, messages, response)
-    enc = tokenizer(text[:end], add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    text, head_end, drop_end, resp_start, resp_end, end, spans = _render(tokenizer, messages, response)
+    if spans is None:
+        _refuse_special_strings(tokenizer, messages, response)
+    ids, offsets = tokenize_safely(tokenizer, text[:end], spans or [])
     regions = ([], [], [], [], [])  # head, droppable prompt, prompt tail, response, closing
     bounds = (head_end, drop_end, resp_start, resp_end)
     for tid, (start, stop) in zip(ids, offsets):

@@ -20,9 +20,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ._data import frame
+
 __all__ = [
     "data_dir",
     "load_table",
+    "TEXT_COLUMNS",
     "load_eval",
     "load_pairwise",
     "load_ratings",
@@ -59,8 +62,106 @@ def _path(name_or_path):
     )
 
 
+#: Columns read as literal text from CSV files: ``4`` stays the string ``"4"``, and
+#: ``None``/``NA``/``nan`` stay those words instead of becoming missing values.
+TEXT_COLUMNS = ("prompt", "response", "chosen", "rejected")
+
+
+def _read_jsonl(p, f):
+    """Records of a JSONL file opened in binary mode; each line decoded on its own so errors name it."""
+    rows = []
+    for n, raw in enumerate(f, start=1):
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{p}, line {n}: not UTF-8 text ({exc.reason} at byte {exc.start} of the line); "
+                             "save the file as UTF-8.") from None
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{p}, line {n}: not valid JSON ({exc.msg} at column {exc.colno}).") from None
+        except RecursionError:
+            raise ValueError(f"{p}, line {n}: JSON nested too deeply.") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{p}, line {n}: expected a JSON object per line, got {type(rec).__name__}.")
+        rows.append(rec)
+    return frame(rows, name=str(p))
+
+
+def _read_json(p, f):
+    try:
+        data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{p}, line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}).") from None
+    except RecursionError:
+        raise ValueError(f"{p}: JSON nested too deeply.") from None
+    if isinstance(data, dict) and not any(isinstance(v, (list, tuple, dict)) for v in data.values()):
+        raise ValueError(f"{p} holds one JSON object of scalars ({list(data)[:5]}...): expected a list of "
+                         "records [{...}, ...] or an object of columns {\"prompt\": [...], ...}.")
+    if not isinstance(data, (list, dict)):
+        raise ValueError(f"{p} holds a JSON {type(data).__name__}: expected a list of records or an object of columns.")
+    if isinstance(data, list) and not all(isinstance(r, dict) for r in data):
+        bad = next(i for i, r in enumerate(data) if not isinstance(r, dict))
+        raise ValueError(f"{p}: record {bad} is a {type(data[bad]).__name__}, not a JSON object.")
+    try:
+        return frame(data, name=str(p))
+    except ValueError as exc:
+        if "Unicode" in str(exc):
+            raise
+        raise ValueError(f"{p}: cannot read as a table ({exc}).") from None
+
+
+def _read_csv(p):
+    from pandas._libs.parsers import STR_NA_VALUES
+
+    columns = pd.read_csv(p, nrows=0).columns
+    text = [c for c in columns if c in TEXT_COLUMNS]
+    return pd.read_csv(p, dtype={c: str for c in text}, keep_default_na=False,
+                       na_values={c: sorted(STR_NA_VALUES) for c in columns if c not in text})
+
+
+def _read_file(p):
+    import zlib
+
+    name = p.name.lower().removesuffix(".gz")
+    gz = p.name.lower().endswith(".gz")
+    try:
+        if name.endswith(".jsonl"):
+            with (gzip.open(p, "rb") if gz else open(p, "rb")) as f:
+                return _read_jsonl(p, f)
+        if name.endswith(".json"):
+            with (gzip.open(p, "rt", encoding="utf-8") if gz else open(p, encoding="utf-8")) as f:
+                return _read_json(p, f)
+        if name.endswith(".csv"):
+            return _read_csv(p)
+        if name.endswith(".parquet"):
+            try:
+                return pd.read_parquet(p)
+            except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+                if isinstance(exc, (FileNotFoundError, PermissionError)):
+                    raise
+                raise ValueError(f"{p} is not a readable parquet file (truncated or corrupt?): {exc}") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise ValueError(f"{p} is a truncated or corrupt {'gzip' if gz else ''} file ({type(exc).__name__}: {exc}).") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{p} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8.") from None
+    except pd.errors.ParserError as exc:
+        raise ValueError(f"{p}: not a well-formed CSV file ({exc}).") from None
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{p} is empty.") from None
+    raise ValueError(f"Unknown file type for {p}: use .jsonl, .json, .csv or .parquet (optionally .gz).")
+
+
 def load_table(source, *, split="train"):
     """Read a JSONL(.gz), CSV(.gz), parquet file or a Hugging Face dataset name into a DataFrame.
+
+    CSV columns named in :data:`TEXT_COLUMNS` (``prompt``, ``response``,
+    ``chosen``, ``rejected``) are read as literal text: an answer ``4`` stays
+    ``"4"`` and ``None``/``NA`` stay those words rather than becoming missing
+    values (an empty field stays ``""`` and is then reported as an empty text).
+    Errors name the file (and, for JSONL and JSON, the line).
 
     Examples
     --------
@@ -76,18 +177,7 @@ def load_table(source, *, split="train"):
     if not p.exists() and (data_dir() / str(source)).exists():
         p = data_dir() / str(source)
     if p.exists():
-        name = p.name.lower().removesuffix(".gz")
-        if name.endswith((".jsonl", ".json")):
-            opener = gzip.open if p.name.lower().endswith(".gz") else open
-            with opener(p, "rt", encoding="utf-8") as f:
-                if name.endswith(".json"):
-                    return pd.DataFrame(json.load(f))
-                return pd.DataFrame([json.loads(line) for line in f if line.strip()])
-        if name.endswith(".csv"):
-            return pd.read_csv(p)
-        if name.endswith(".parquet"):
-            return pd.read_parquet(p)
-        raise ValueError(f"Unknown file type for {p}: use .jsonl, .json, .csv or .parquet (optionally .gz).")
+        return _read_file(p)
     try:
         import datasets as hf_datasets
     except ImportError:
@@ -95,6 +185,12 @@ def load_table(source, *, split="train"):
             f"{source!r} is not a file, and reading it as a Hugging Face dataset needs `pip install datasets`."
         ) from None
     return hf_datasets.load_dataset(str(source), split=split).to_pandas()
+
+
+def _require(df, columns, path):
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path} has no column(s) {missing}; it has {list(df.columns)}.")
 
 
 def _sample(df, n, random_state):
@@ -118,6 +214,7 @@ def load_eval(path="eval_dev.jsonl", *, include_extra=False):
     ['Chat', 'Chat Hard', 'Prior', 'Reasoning', 'Safety']
     """
     df = load_table(_path(path))
+    _require(df, ["prompt", "chosen", "rejected", "category"], path)
     if not include_extra:
         df = df[df["category"] != "Extra"]
     return df.reset_index(drop=True)
@@ -135,6 +232,7 @@ def load_pairwise(path="pairwise_train.jsonl.gz", *, n=None, random_state=0, exc
     ['prompt', 'chosen', 'rejected']
     """
     df = load_table(_path(path))
+    _require(df, ["prompt", "chosen", "rejected"], path)
     if exclude_prompts is not None:
         df = df[~df["prompt"].isin(set(exclude_prompts))]
     df = df[df["chosen"] != df["rejected"]]
@@ -153,6 +251,11 @@ def load_ratings(path="multiobjective_sparse.jsonl.gz", *, n=None, random_state=
     True
     """
     df = load_table(_path(path))
+    _require(df, ["attributes"], path)
+    bad = next((i for i, a in enumerate(df["attributes"]) if not isinstance(a, dict)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: row {bad} has 'attributes' of type {type(df['attributes'][bad]).__name__}, "
+                         "expected an object {name: rating}.")
     attrs = pd.json_normalize(df["attributes"].tolist()).astype(float)
     out = pd.concat([df.drop(columns=["attributes"]).reset_index(drop=True), attrs], axis=1)
     return _sample(out, n, random_state)
@@ -184,7 +287,12 @@ def load_bon(path="bon_alpacaeval.jsonl.gz"):
     True
     """
     rows = []
-    for i, rec in enumerate(load_table(_path(path)).to_dict("records")):
+    df = load_table(_path(path))
+    _require(df, ["prompt", "candidates"], path)
+    for i, rec in enumerate(df.to_dict("records")):
+        if not isinstance(rec["candidates"], (list, tuple, np.ndarray)) or not all(
+                isinstance(c, dict) for c in rec["candidates"]):
+            raise ValueError(f"{path}: row {i} has 'candidates' that is not a list of objects.")
         for cand in rec["candidates"]:
             rows.append({"prompt_id": i, "prompt": rec["prompt"], "dataset": rec.get("dataset"),
                          "generator": cand.get("generator"), "response": cand.get("output"),

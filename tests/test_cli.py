@@ -121,11 +121,15 @@ def test_score_pairs_to_csv(tmp_path, capfd, batch_size):
     assert scored["prompt"].tolist() == PAIRS["prompt"].tolist()
 
 
-def test_pairs_only_model_and_joblib(tmp_path):
+def test_pairs_only_model_and_joblib(tmp_path, capsys):
     joblib.dump(LengthReward(pairs_only=True).fit(), tmp_path / "m.joblib")
     src = _write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
-    assert main(["score", "--model", str(tmp_path / "m.joblib"), "--input", str(src), "--output",
-                 str(tmp_path / "out.jsonl"), "--quiet"]) == 0
+    args = ["score", "--model", str(tmp_path / "m.joblib"), "--input", str(src), "--output",
+            str(tmp_path / "out.jsonl"), "--quiet"]
+    # a pickle runs code when loaded: refused unless the user says they trust it (issue 15, item 7)
+    assert main(args) == 1
+    assert "--trust-pickle" in capsys.readouterr().err and not (tmp_path / "out.jsonl").exists()
+    assert main(args + ["--trust-pickle"]) == 0
     scored = _read(tmp_path / "out.jsonl")
     assert "p_chosen" in scored.columns and not any(c.startswith("reward") for c in scored.columns)
 

@@ -346,15 +346,18 @@ def test_different_backbone_is_refused(tmp_path):
     # someone replaces the weights behind the same name
     shutil.rmtree(folder)
     shutil.copytree(tiny_backbone(seed=1), folder)
-    with pytest.raises(BackboneMismatchError, match="fitted on backbone .*features would not match"):
+    # a folder outside rmkit's cache, named by the file only, is not read unless the caller confirms it
+    with pytest.raises(BackboneMismatchError, match="outside rmkit's cache"):
         rmkit.load(path)
+    with pytest.raises(BackboneMismatchError, match="fitted on backbone .*features would not match"):
+        rmkit.load(path, backbones={str(folder): str(folder)})
     # pointing the name at the original weights works, and the fingerprint is still checked
     loaded = rmkit.load(path, backbones={str(folder): tiny_backbone(seed=0)})
     assert loaded.backbone == tiny_backbone(seed=0)
     np.testing.assert_allclose(loaded.transform(pairs), expected, rtol=1e-5, atol=1e-6)
     shutil.rmtree(folder)
     with pytest.raises(BackboneMismatchError, match="cannot be loaded here"):
-        rmkit.load(path)
+        rmkit.load(path, backbones={str(folder): str(folder)})
 
 
 # ------------------------------------------------------------------ atomic saves
@@ -383,11 +386,10 @@ def test_interrupted_save_keeps_previous_save(tmp_path, monkeypatch):
     assert _temps(tmp_path) == []
 
 
-def test_swap_fallback_without_atomic_exchange(tmp_path, monkeypatch):
+def test_failed_second_rename_puts_the_previous_save_back(tmp_path, monkeypatch):
     old, X = _ridge_pipeline(seed=0)
     new, _ = _ridge_pipeline(seed=1)
     path = rmkit.save(old, tmp_path / "m")
-    monkeypatch.setattr(_persistence, "_exchange", lambda a, b: False)
     rmkit.save(new, path)
     np.testing.assert_array_equal(rmkit.load(path).predict(X), new.predict(X))
     real_rename = os.rename
