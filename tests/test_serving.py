@@ -506,3 +506,12 @@ def test_saved_folder_with_card_loads_and_card_can_be_enriched(tmp_path):
     rmkit.load(path)
     rmkit.save(Ridge().fit(X, y), path)  # a folder with a card is still recognised as an rmkit save
     assert "| pairs | 3 |" not in (path / "README.md").read_text()
+
+
+def test_importing_the_adapters_loads_no_server_or_torch():
+    code = ("import sys, rmkit.serving as s; s.reward_function; s.split_query; s.RewardClient; "
+            "loaded = [m for m in ('torch', 'fastapi', 'uvicorn', 'httpx', 'prometheus_client') if m in sys.modules]; "
+            "assert not loaded, loaded")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr

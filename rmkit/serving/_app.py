@@ -213,8 +213,8 @@ def create_app(model, config=None, **settings):
 
     Endpoints: ``POST /get_reward`` (OpenRLHF's remote reward model),
     ``POST /score`` (structured rows, pairs, explanations), ``GET /health``,
-    ``GET /metrics`` (Prometheus). See :doc:`the serving how-to
-    <../how-to/serving>` for the request and answer shapes and the error codes.
+    ``GET /metrics`` (Prometheus). The how-to page "Serving a reward model
+    to RLHF trainers" gives the request and answer shapes and the error codes.
 
     The server switches the model's progress bars off and, unless
     ``feature_cache=True``, its featurizers' disk cache (in place).
