@@ -152,7 +152,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scenario", choices=["alpaca", "grpo-system"], default="alpaca",
                         help="alpaca: AlpacaEval prompts as they are (short); grpo-system: the same prompts after "
-                             "a ~230-token GRPO-style system instruction")
+                             "a ~255-token GRPO-style system instruction")
     args = parser.parse_args()
 
     import torch
@@ -202,7 +202,7 @@ def main():
 
 SCENARIOS = {
     "alpaca": "AlpacaEval prompts as they are (short: the shared prompt is a small part of each query)",
-    "grpo-system": "the same kind of prompts after a ~230-token GRPO-style system instruction (long shared prompt)",
+    "grpo-system": "the same kind of prompts after a ~255-token GRPO-style system instruction (long shared prompt)",
 }
 
 
