@@ -111,9 +111,13 @@ def _prepare_model(model, config):
                 pass
 
 
-def _load_tokenizer(name):
-    from .._backbones import load_tokenizer
+def _load_tokenizer(name, *, private=False):
+    from .._backbones import load_tokenizer, resolve_backbone
 
+    if private:  # not rmkit's shared instance: the event loop counts tokens while predict tokenizes
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(resolve_backbone(name)))
     return load_tokenizer(name)
 
 
@@ -127,7 +131,7 @@ class _Scorer:
         self.config = config
         self.backbone = find_backbone(model)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rmkit-predict")
-        self.tokenizer = _load_tokenizer(self.backbone) if self.backbone else None
+        self.tokenizer = _load_tokenizer(self.backbone, private=True) if self.backbone else None
         source = config.query_tokenizer or self.backbone
         self.splitter = QuerySplitter(_load_tokenizer(source)) if source else None
 
