@@ -30,6 +30,7 @@ _EXPORTS = {
     "load": "_persistence",
     "register_safe_class": "_persistence",
     "save": "_persistence",
+    "write_model_card": "_model_card",
     "CapabilityLabeler": "_judge",
     "JudgeAuthenticationError": "_judge",
     "OpenAIChatBackend": "_judge",
@@ -68,5 +69,6 @@ if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports (re-exports)
     from ._lora import LoRAExpertRegressor  # noqa: F401
     from ._multiobjective import MultiObjectiveRegressor  # noqa: F401
     from ._union import ObjectiveUnion  # noqa: F401
+    from ._model_card import write_model_card  # noqa: F401
     from ._persistence import PersistenceError, load, register_safe_class, save  # noqa: F401
     from ._router import TaskRouter  # noqa: F401

@@ -56,9 +56,87 @@ def _build_parser():
                        help="allow a .joblib/.pkl model: unpickling runs any code the file contains, "
                             "so only for files from people you trust")
 
-    sub.add_parser("info", help="print versions, the cache location and the compute device",
-                   description="Print rmkit's version, where it caches backbones and features, and the device.")
+    info = sub.add_parser("info", help="print versions, the cache location and the compute device",
+                          description="Print rmkit's version, where it caches backbones and features, and the "
+                                      "device; with MODEL, the model card (README.md) of a saved model.")
+    info.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                      help="a directory written by rmkit.save: print its model card")
+    _add_serve_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub):
+    serve = sub.add_parser(
+        "serve", help="serve a saved model over HTTP (OpenRLHF /get_reward, /score, /health, /metrics)",
+        description="Serve a saved model over HTTP with dynamic batching. Needs: pip install 'rmkit[serve]'.",
+    )
+    serve.add_argument("model", metavar="MODEL_DIR",
+                       help="a directory written by rmkit.save (a .joblib/.pkl file only with --trust-pickle)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--api-key-env", metavar="VAR",
+                       help="require 'Authorization: Bearer <key>' with the key read from this environment variable")
+    serve.add_argument("--trust-pickle", action="store_true",
+                       help="allow loading a .joblib/.pkl model (unpickling runs code: trusted files only)")
+    serve.add_argument("--device", default=None, help="load the model on this device (e.g. cpu, cuda)")
+    serve.add_argument("--query-tokenizer", metavar="NAME",
+                       help="backbone name or folder whose chat template rendered /get_reward queries "
+                            "(default: the model's backbone)")
+    serve.add_argument("--max-batch-rows", type=int, default=256, metavar="N", help="rows per batch (default: 256)")
+    serve.add_argument("--max-batch-tokens", type=int, default=65536, metavar="N",
+                       help="token budget per batch (default: 65536)")
+    serve.add_argument("--batch-window-ms", type=float, default=10.0, metavar="MS",
+                       help="how long a batch waits for more requests (default: 10)")
+    serve.add_argument("--max-queue-rows", type=int, default=4096, metavar="N",
+                       help="rows allowed to wait; beyond it requests get 429 (default: 4096)")
+    serve.add_argument("--max-request-rows", type=int, default=512, metavar="N",
+                       help="rows per request; beyond it 413 (default: 512)")
+    serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, metavar="N",
+                       help="request body limit; beyond it 413 (default: 8 MiB)")
+    serve.add_argument("--no-batching", action="store_true", help="score each request on its own")
+    serve.add_argument("--feature-cache", action="store_true",
+                       help="keep the featurizers' on-disk feature cache (off by default when serving)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def _serve(args):
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CLIError(f"rmkit serve needs {', '.join(missing)}: pip install 'rmkit[serve]'")
+    from .serving._app import serve
+
+    path = Path(args.model).expanduser()
+    if path.suffix.lower() in _PICKLE_SUFFIXES and not args.trust_pickle:
+        raise CLIError(f"{path} is a pickle file: loading it runs code. Pass --trust-pickle if you trust it, or "
+                       "serve a directory written by rmkit.save.")
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise CLIError(f"--api-key-env names {args.api_key_env}, but that environment variable is empty or unset.")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"rmkit serve: warning: listening on {args.host} without an API key; anyone who can reach it can "
+              "use the model (set --api-key-env).", file=sys.stderr)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    model = load_model(path, device=args.device)
+    if not hasattr(model, "predict"):
+        raise CLIError(f"The model at {args.model} ({type(model).__name__}) has no predict method.")
+    try:
+        serve(model, host=args.host, port=args.port, log_level=args.log_level, api_key=api_key,
+              query_tokenizer=args.query_tokenizer, max_batch_rows=args.max_batch_rows,
+              max_batch_tokens=args.max_batch_tokens, batch_window_ms=args.batch_window_ms,
+              max_queue_rows=args.max_queue_rows, max_request_rows=args.max_request_rows,
+              max_body_bytes=args.max_body_bytes, batching=not args.no_batching, feature_cache=args.feature_cache)
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        pass
+    return 0
 
 
 def _version():
@@ -212,6 +290,12 @@ def _score(args):
 
 def _info(args):
     import importlib.util
+
+    if getattr(args, "model", None):
+        from ._model_card import read_model_card
+
+        print(read_model_card(args.model))
+        return 0
     import platform
 
     import torch
@@ -246,7 +330,7 @@ def main(argv=None):
         parser.print_help()
         return 2
     try:
-        return {"score": _score, "info": _info}[args.command](args)
+        return {"score": _score, "info": _info, "serve": _serve}[args.command](args)
     except (CLIError, ValueError, TypeError, OSError) as exc:  # PersistenceError is a ValueError
         if os.environ.get("RMKIT_DEBUG"):
             raise

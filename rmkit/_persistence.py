@@ -1026,7 +1026,7 @@ def save(model, directory):
     >>> model = make_pipeline(StandardScaler(), Ridge()).fit(X, y)
     >>> path = rmkit.save(model, tempfile.mkdtemp() + "/ridge")
     >>> sorted(p.name for p in path.iterdir())
-    ['rmkit.json', 'tensors.safetensors']
+    ['README.md', 'rmkit.json', 'tensors.safetensors']
     >>> bool(np.array_equal(rmkit.load(path).predict(X), model.predict(X)))
     True
     """
@@ -1065,6 +1065,8 @@ def save(model, directory):
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        from ._model_card import _save_hook  # README.md model card beside the weights (documentation only)
+        _save_hook(tmp, model, manifest)
         _fsync_dir(tmp)
         _swap_into_place(tmp, target)
         _fsync_dir(target.parent)

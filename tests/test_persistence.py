@@ -70,7 +70,7 @@ def test_string_labels_and_probabilities_round_trip(tmp_path):
 def test_nothing_is_pickled(tmp_path):
     model, _ = _ridge_pipeline()
     path = rmkit.save(model, tmp_path / "m")
-    assert sorted(p.name for p in path.iterdir()) == ["rmkit.json", "tensors.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["README.md", "rmkit.json", "tensors.safetensors"]
     manifest = _manifest(path)
     assert manifest["format"] == "rmkit.save" and manifest["format_version"] == _persistence.FORMAT_VERSION
     assert b"pickle" not in (path / "tensors.safetensors").read_bytes()[:200]
