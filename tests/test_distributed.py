@@ -185,19 +185,21 @@ def test_import_needs_neither_ray_nor_torch():
 
 @pytest.fixture(scope="module")
 def ray_cluster():
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report over the network
+    # Ray binds to the machine's address unless this is 0 (read when ray is imported): loopback only.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray = pytest.importorskip("ray")
     import ray.cloudpickle
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this test file
 
     def timeout(*_):
         raise TimeoutError("a Ray test ran past its 300 s bound")
 
     previous = signal.signal(signal.SIGALRM, timeout)
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             configure_logging=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
+        assert ray.util.get_node_ip_address() == "127.0.0.1", "Ray was imported before the loopback setting"
         yield ray
     finally:
         signal.alarm(0)

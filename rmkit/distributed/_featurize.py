@@ -19,6 +19,7 @@ from . import _shards
 __all__ = ["featurize", "FeatureShards"]
 
 _ROW, _SHARD, _KEY, _DIGEST = "_rmkit_row", "_rmkit_shard", "_rmkit_key", "_rmkit_digest"
+_SUMMARY = ["shard", "rows", "seconds", "items", "real_tokens", "padded_tokens", "truncated", "cache_hits"]
 _READ_SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json"}
 
 
@@ -227,21 +228,25 @@ class ShardWorker:
             except NotFittedError:
                 f = clone(self.featurizer).fit(texts)
             f.set_params(verbose=0)
+            if hasattr(f, "_model"):
+                f._model()  # load the weights now, so the per-shard timings measure the forward passes only
             self.fitted = f
         return self.fitted
 
     def __call__(self, df):
-        shards = pd.unique(df[_SHARD])
-        if len(shards) != 1:
-            raise RuntimeError(f"A batch spans shards {list(shards)[:5]}: expected exactly one (a Ray Data bug?).")
-        shard = int(shards[0])
+        """Featurize and write every shard in ``df`` (whole shards only); one summary row per shard."""
+        return pd.concat([self._shard(int(s), part) for s, part in df.groupby(_SHARD, sort=True)] or
+                         [pd.DataFrame(columns=_SUMMARY)], ignore_index=True)
+
+    def _shard(self, shard, df):
         expected = self.expected[str(shard)]
         # Sorting by prompt group puts a prompt's responses side by side, so they share its prefix pass.
         df = df.sort_values([_KEY, _ROW], kind="stable").reset_index(drop=True)
         digest = _shards.combine_digests(df[_DIGEST])
         if len(df) != expected["rows"] or digest != expected["digest"]:
-            raise RuntimeError(f"Shard {shard} received {len(df)} rows with digest {digest}, but the manifest "
-                               f"expects {expected['rows']} rows with digest {expected['digest']}.")
+            raise RuntimeError(f"Shard {shard} arrived with {len(df)} rows (digest {digest}), but the manifest "
+                               f"expects {expected['rows']} rows (digest {expected['digest']}): a shard must reach "
+                               "one worker whole.")
         texts = df[self.text_cols]
         f = self._fitted(texts)
         start = time.perf_counter()
@@ -250,15 +255,12 @@ class ShardWorker:
         names = getattr(out, "columns", None)
         values = np.asarray(out, dtype=np.float32)
         stats = getattr(f, "last_stats_", {}) or {}
+        counts = {k: int(stats.get(k, 0)) for k in ("items", "real_tokens", "padded_tokens", "truncated", "cache_hits")}
         marker = dict(digest=digest, columns=None if names is None else [str(c) for c in names],
                       fingerprint=getattr(f, "backbone_fingerprint_", None), layer=getattr(f, "layer_", None),
-                      kind=getattr(f, "input_kind_", None), seconds=seconds,
-                      **{k: int(stats.get(k, 0)) for k in ("items", "real_tokens", "padded_tokens", "truncated",
-                                                            "cache_hits")})
+                      kind=getattr(f, "input_kind_", None), seconds=seconds, **counts)
         _shards.write_shard(self.output_dir, shard, df[_ROW].to_numpy(), values, marker)
-        return pd.DataFrame({"shard": [shard], "rows": [len(df)], "seconds": [seconds],
-                             "items": [marker["items"]], "real_tokens": [marker["real_tokens"]],
-                             "padded_tokens": [marker["padded_tokens"]], "truncated": [marker["truncated"]]})
+        return pd.DataFrame([dict(shard=shard, rows=len(df), seconds=seconds, **counts)], columns=_SUMMARY)
 
 
 # ------------------------------------------------------------------------------------------- manifest
@@ -323,9 +325,11 @@ def featurize(data, featurizer, output_dir, *, backend="ray", num_actors=1, rows
     hashed to one of ``ceil(n_rows / rows_per_shard)`` shards, so a pair's two
     responses (one row) and all responses to one prompt land in the same
     shard, sorted together: the featurizer's prefix sharing runs each prompt
-    once. Ray Data groups the rows by shard and hands each shard to an actor
-    of a pool of ``num_actors``; each actor loads the backbone once and writes
-    its shards as Parquet files (row ids + features) with a commit marker.
+    once. Ray Data hash-partitions the rows by shard (a shard is never split
+    across blocks; the workers check it) and ``map_batches`` hands whole
+    blocks to a pool of ``num_actors`` actors; each actor loads the backbone
+    once and writes its shards as Parquet files (row ids + features) with a
+    commit marker.
 
     A rerun with the same arguments skips the finished shards, so a crashed
     run (a killed worker, node or driver) resumes where it stopped; a shard
@@ -425,13 +429,17 @@ def featurize(data, featurizer, output_dir, *, backend="ray", num_actors=1, rows
             ctx.execution_options.preserve_order = False  # shards finish in any order
             todo_set = set(todo)
             pending = ds.filter(lambda row: row[_SHARD] in todo_set) if done else ds
-            results = pending.groupby(_SHARD, num_partitions=max(1, min(len(todo), 64))).map_groups(
-                ShardWorker, batch_format="pandas",
+            # Hash-partition by shard (a shard's rows, hence its prompt groups, end up in one block) and
+            # materialize before the actors start, so the shuffle never waits for CPUs the actors hold.
+            pending = pending.repartition(len(todo), keys=[_SHARD]).materialize()
+            results = pending.map_batches(
+                ShardWorker, batch_size=None, batch_format="pandas",
                 fn_constructor_kwargs=dict(featurizer=featurizer, output_dir=str(output_dir), text_cols=text_cols,
                                            manifest_shards=manifest["shards"],
                                            num_threads=max(1, int(num_cpus_per_actor))),
-                compute=ray.data.ActorPoolStrategy(size=int(num_actors)), num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor or None)
-            stats = _collect(results.iter_batches(batch_format="pandas", batch_size=1), todo, table, verbose)
+                compute=ray.data.ActorPoolStrategy(size=int(num_actors)), num_cpus=num_cpus_per_actor,
+                num_gpus=num_gpus_per_actor or None)
+            stats = _collect(results.iter_batches(batch_format="pandas", batch_size=None), todo, table, verbose)
     return _finish(output_dir, manifest, todo, sorted(done), stats, started, verbose)
 
 
@@ -448,8 +456,7 @@ def _collect(batches, todo, table, verbose):
 
 
 def _finish(output_dir, manifest, todo, skipped, stats, started, verbose):
-    frame = pd.concat(stats, ignore_index=True) if stats else pd.DataFrame(
-        columns=["shard", "rows", "seconds", "items", "real_tokens", "padded_tokens", "truncated"])
+    frame = pd.concat(stats, ignore_index=True) if stats else pd.DataFrame(columns=_SUMMARY)
     done = _shards.finished_shards(output_dir, manifest)
     missing = sorted(set(map(int, manifest["shards"])) - set(done))
     if missing:
@@ -479,5 +486,5 @@ def _featurize_local(data, featurizer, output_dir, rows_per_shard, overwrite, ve
     todo = sorted(set(map(int, table)) - set(done))
     worker = ShardWorker(featurizer, str(output_dir), text_cols, manifest["shards"])
     groups = dict(tuple(df[df[_SHARD].isin(todo)].groupby(_SHARD, sort=True)))
-    stats = _collect((worker(groups[s]) for s in todo), todo, table, verbose)
+    stats = _collect((worker(groups[s]) for s in todo), todo, table, verbose)  # one shard per call
     return _finish(output_dir, manifest, todo, sorted(done), stats, started, verbose)
