@@ -19,7 +19,7 @@ from . import _shards
 __all__ = ["featurize", "FeatureShards"]
 
 _ROW, _SHARD, _KEY, _DIGEST = "_rmkit_row", "_rmkit_shard", "_rmkit_key", "_rmkit_digest"
-_SUMMARY = ["shard", "rows", "seconds", "items", "real_tokens", "padded_tokens", "truncated", "cache_hits"]
+_SUMMARY = ["shard", "rows", "seconds", "cpu_seconds", "items", "real_tokens", "padded_tokens", "truncated", "cache_hits"]
 _READ_SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json"}
 
 
@@ -49,7 +49,8 @@ class FeatureShards:
     stats : dict
         Rows, texts and backbone tokens computed by this call, summed over
         workers, with the wall-clock ``seconds`` of the call and ``worker_seconds``
-        (the summed time workers spent in ``transform``).
+        (the summed time workers spent in ``transform``) and ``worker_cpu_seconds``
+        (their CPU time there, all threads).
     """
 
     def __init__(self, output_dir, n_rows, n_shards, computed_shards, skipped_shards, stats):
@@ -249,18 +250,19 @@ class ShardWorker:
                                "one worker whole.")
         texts = df[self.text_cols]
         f = self._fitted(texts)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = f.transform(texts)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         names = getattr(out, "columns", None)
         values = np.asarray(out, dtype=np.float32)
         stats = getattr(f, "last_stats_", {}) or {}
         counts = {k: int(stats.get(k, 0)) for k in ("items", "real_tokens", "padded_tokens", "truncated", "cache_hits")}
         marker = dict(digest=digest, columns=None if names is None else [str(c) for c in names],
                       fingerprint=getattr(f, "backbone_fingerprint_", None), layer=getattr(f, "layer_", None),
-                      kind=getattr(f, "input_kind_", None), seconds=seconds, **counts)
+                      kind=getattr(f, "input_kind_", None), seconds=seconds, cpu_seconds=cpu, **counts)
         _shards.write_shard(self.output_dir, shard, df[_ROW].to_numpy(), values, marker)
-        return pd.DataFrame([dict(shard=shard, rows=len(df), seconds=seconds, **counts)], columns=_SUMMARY)
+        return pd.DataFrame([dict(shard=shard, rows=len(df), seconds=seconds, cpu_seconds=cpu, **counts)],
+                            columns=_SUMMARY)
 
 
 # ------------------------------------------------------------------------------------------- manifest
@@ -468,7 +470,8 @@ def _finish(output_dir, manifest, todo, skipped, stats, started, verbose):
         warnings.warn(f"{truncated} texts exceeded the featurizer's max_length and were truncated.", stacklevel=3)
     stats = dict(rows=int(frame["rows"].sum()), items=int(frame["items"].sum()),
                  real_tokens=int(frame["real_tokens"].sum()), padded_tokens=int(frame["padded_tokens"].sum()),
-                 worker_seconds=float(frame["seconds"].sum()), seconds=time.perf_counter() - started)
+                 worker_seconds=float(frame["seconds"].sum()), worker_cpu_seconds=float(frame["cpu_seconds"].sum()),
+                 seconds=time.perf_counter() - started)
     return FeatureShards(output_dir, manifest["n_rows"], len(manifest["shards"]), list(todo), list(skipped), stats)
 
 
