@@ -43,19 +43,19 @@ def reference(featurizer, df):
 
 
 class FailingFeaturizer(BackboneFeaturizer):
-    """Raises in ``transform`` once ``fail_after`` shards have been written (a crash mid-run)."""
+    """A featurizer that crashes mid-run (set the attributes on a fitted one: workers copy it)."""
 
-    fail_after = None
+    fail_after = None  # (output_dir, k): transform raises once k shards of output_dir are committed
     kill_flag = None  # a path: the first transform that finds it missing creates it and kills its process
-    calls = 0
 
     def transform(self, X):
         if self.kill_flag is not None and not os.path.exists(self.kill_flag):
             Path(self.kill_flag).write_text(str(os.getpid()))
             os._exit(1)  # the worker process dies, as on an OOM kill or a lost node
-        FailingFeaturizer.calls += 1
-        if self.fail_after is not None and FailingFeaturizer.calls > self.fail_after:
-            raise RuntimeError("simulated crash")
+        if self.fail_after is not None:
+            folder, k = self.fail_after
+            if len(list((Path(folder) / "shards").glob("shard-*.json"))) >= k:
+                raise RuntimeError("simulated crash")
         return super().transform(X)
 
 
@@ -99,8 +99,7 @@ def test_prompt_groups_stay_in_one_shard(featurizer, tmp_path):
 def test_crash_mid_run_then_rerun_gives_every_row_once(featurizer, tmp_path):
     df = pairs_frame()
     crashing = FailingFeaturizer(**featurizer.get_params())
-    crashing.fit(df).fail_after = 2  # fitted: the workers copy it (an unfitted one is cloned, without fail_after)
-    FailingFeaturizer.calls = 0
+    crashing.fit(df).fail_after = (tmp_path, 2)  # fitted: workers copy it (an unfitted one is cloned, losing this)
     with pytest.raises(RuntimeError, match="simulated crash"):
         featurize(df, crashing, tmp_path, backend="local", rows_per_shard=4, verbose=0)
     with pytest.raises(IncompleteFeaturesError, match="missing or unfinished"):
@@ -232,21 +231,22 @@ def test_ray_shards_equal_local_features(bounded, featurizer, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_worker_killed_mid_run_then_rerun(bounded, featurizer, tmp_path):
+def test_ray_worker_killed_then_job_crash_then_rerun(bounded, featurizer, tmp_path):
     df = pairs_frame()
-    dying = FailingFeaturizer(**featurizer.get_params())
-    dying.fit(df).kill_flag = str(tmp_path / "killed")
-    try:  # Ray restarts the dead actor and retries its shard, or gives up: either way the rerun must finish
-        first = featurize(df, dying, tmp_path / "out", rows_per_shard=6, verbose=0)
-        done_first = set(first.computed_shards)
-    except Exception:  # noqa: BLE001 - whatever Ray raises for a dead actor
-        done_first = None
+    out_dir = tmp_path / "out"
+    dying = FailingFeaturizer(**featurizer.get_params()).fit(df)
+    dying.kill_flag = str(tmp_path / "killed")  # the first shard's worker process dies; Ray restarts it
+    dying.fail_after = (out_dir, 2)  # then the job fails once two shards are committed
+    with pytest.raises(Exception, match="simulated crash"):
+        featurize(df, dying, out_dir, rows_per_shard=4, verbose=0)
     assert Path(dying.kill_flag).is_file()  # a worker process really died mid-run
-    out = featurize(df, dying, tmp_path / "out", rows_per_shard=6, verbose=0)
-    if done_first is not None:
-        assert out.computed_shards == [] and set(out.skipped_shards) == done_first
-    assert len(out.computed_shards) + len(out.skipped_shards) == out.n_shards
-    np.testing.assert_allclose(load_features(tmp_path / "out"), reference(featurizer, df), **TOL)
+    committed = len(list((out_dir / "shards").glob("shard-*.json")))
+    with pytest.raises(IncompleteFeaturesError):
+        load_features(out_dir)
+    dying.fail_after = None
+    out = featurize(df, dying, out_dir, rows_per_shard=4, verbose=0)
+    assert len(out.skipped_shards) == committed >= 2 and len(out.computed_shards) == out.n_shards - committed > 0
+    np.testing.assert_allclose(load_features(out_dir), reference(featurizer, df), **TOL)  # each row exactly once
 
 
 @pytest.mark.slow
