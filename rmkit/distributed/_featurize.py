@@ -51,6 +51,18 @@ class FeatureShards:
         workers, with the wall-clock ``seconds`` of the call and ``worker_seconds``
         (the summed time workers spent in ``transform``) and ``worker_cpu_seconds``
         (their CPU time there, all threads).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from rmkit import BackboneFeaturizer
+    >>> from rmkit.distributed import featurize
+    >>> from rmkit.testing import tiny_backbone
+    >>> rows = [{"prompt": "hi", "response": r} for r in ("hello", "hey")]
+    >>> feats = BackboneFeaturizer(tiny_backbone(), cache=False, verbose=0)
+    >>> out = featurize(rows, feats, tempfile.mkdtemp(), backend="local", verbose=0)
+    >>> out.n_rows, out.stats["rows"], out.load().shape
+    (2, 2, (2, 128))
     """
 
     def __init__(self, output_dir, n_rows, n_shards, computed_shards, skipped_shards, stats):

@@ -38,7 +38,18 @@ DIGEST_MOD = 1 << 62  # row digests are summed modulo this: order-free, exact in
 
 
 class IncompleteFeaturesError(RuntimeError):
-    """Sharded features that are missing shards or do not match their manifest."""
+    """Sharded features that are missing shards or do not match their manifest.
+
+    Raised by :func:`load_features` (and at the end of a run that left shards
+    unfinished); rerunning :func:`rmkit.distributed.featurize` with the same
+    arguments finishes them.
+
+    Examples
+    --------
+    >>> from rmkit.distributed import IncompleteFeaturesError
+    >>> issubclass(IncompleteFeaturesError, RuntimeError)
+    True
+    """
 
 
 def shard_name(shard):
