@@ -38,9 +38,12 @@ import pandas as pd
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYER = 10
 FEATURIZER = dict(layer=LAYER, max_length=512, dtype="bfloat16", batch_size=16)
-# Bounded for a 2-core CPU shared with other jobs (~1-2 s per text with the 135M backbone):
-# training pairs are the first n_pairs of a seeded sample of 1000, rated rows likewise.
-BOUNDS = dict(n_prompts=150, n_pairs=300, n_ratings=100, n_draws=200, n_boot=1000)
+# Bounded for a 2-core CPU shared with other jobs (1-5 s per text with the 135M backbone under load):
+# training pairs are the first n_pairs of a seeded sample of 1000 whose prompt + both responses fit in
+# train_max_chars characters (RMB prompts and responses are long: a pair costs ~3-4 candidate texts);
+# rated rows likewise (prompt + response <= rating_max_chars).
+BOUNDS = dict(n_prompts=40, n_pairs=80, train_max_chars=2000, n_ratings=40, rating_max_chars=800, n_draws=200,
+              n_boot=1000)
 GOLD = "gold_turbo"
 N_VALUES = (1, 2, 4, 8, 16)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -59,19 +62,26 @@ def load_data(bounds=BOUNDS, seed=0):
     bon = load_bon()
     bon_prompts = set(bon["prompt"].map(_norm))
     bon = bon[bon[GOLD].notna() & (bon["response"].fillna("").str.strip() != "")]
-    ids = np.sort(np.random.default_rng(seed).choice(bon["prompt_id"].unique(), bounds["n_prompts"], replace=False))
-    bon = bon[bon["prompt_id"].isin(ids)].reset_index(drop=True)
+    # a seeded permutation of the prompts: a smaller n_prompts is a prefix of a larger one
+    ids = np.random.default_rng(seed).permutation(np.sort(bon["prompt_id"].unique()))[:bounds["n_prompts"]]
+    rank = {pid: k for k, pid in enumerate(ids)}
+    bon = bon[bon["prompt_id"].isin(ids)]
+    bon = bon.sort_values("prompt_id", key=lambda c: c.map(rank), kind="stable").reset_index(drop=True)
 
     all_pairs = load_pairwise()
     overlap = all_pairs["prompt"].map(_norm).isin(bon_prompts)
     kept = all_pairs[~overlap]
-    train = kept.sample(n=1000, random_state=seed).head(bounds["n_pairs"]).reset_index(drop=True)
+    train = kept.sample(n=1000, random_state=seed)
+    chars = train["prompt"].str.len() + train["chosen"].str.len() + train["rejected"].str.len()
+    train = train[chars <= bounds["train_max_chars"]].head(bounds["n_pairs"]).reset_index(drop=True)
     train = train.assign(objective=train.apply(pair_objective, axis=1))
 
     ratings = load_ratings(n=1500, random_state=seed)
     ratings = ratings[ratings["response"].fillna("").str.strip() != ""]
     r_overlap = ratings["prompt"].map(_norm).isin(bon_prompts)
-    ratings = ratings[~r_overlap].head(bounds["n_ratings"]).reset_index(drop=True)
+    ratings = ratings[~r_overlap]
+    ratings = ratings[ratings["prompt"].str.len() + ratings["response"].str.len() <= bounds["rating_max_chars"]]
+    ratings = ratings.head(bounds["n_ratings"]).reset_index(drop=True)
     info = dict(pairs_total=int(len(all_pairs)), pairs_removed=int(overlap.sum()),
                 pairs_removed_sources=all_pairs.loc[overlap, "source"].value_counts().to_dict(),
                 pairs_left=int(len(kept)), rated_rows_removed_of_sample=int(r_overlap.sum()),
@@ -79,24 +89,32 @@ def load_data(bounds=BOUNDS, seed=0):
     return bon, train, ratings, info
 
 
-SMOKE = dict(n_prompts=8, n_pairs=120, n_ratings=60, n_draws=20, n_boot=50)  # --smoke: tiny backbone, minutes
+_SMOKE_CACHE = str(Path(__import__("tempfile").gettempdir()) / "rmkit-bon-smoke-features")
+SMOKE = dict(BOUNDS, n_prompts=8, n_pairs=60, n_draws=20, n_boot=50)  # --smoke: tiny backbone, minutes
 
 
 def featurizer(backbone=None):
     from rmkit import BackboneFeaturizer
 
-    extra = {} if backbone is None else dict(backbone=backbone, layer=-1, cache=False)
+    # the smoke run's tiny backbone gets its own throw-away cache folder (shared by the models of one run)
+    extra = {} if backbone is None else dict(backbone=backbone, layer=-1, cache=_SMOKE_CACHE)
     return BackboneFeaturizer(**{**FEATURIZER, **extra}, verbose=1).fit()
 
 
-def warm(bon, train, ratings):
-    """Fill the on-disk feature cache in the order the models need it."""
+def warm(bon, train, ratings, chunk=24):
+    """Fill the on-disk feature cache in small chunks (a stop loses at most one chunk), candidates first."""
     feat = featurizer()
-    for name, frame in [("bon", bon[["prompt", "response"]]), ("train", train[["prompt", "chosen", "rejected"]]),
-                        ("ratings", ratings[["prompt", "response"]])]:
-        t = time.time()
-        feat.transform(frame)
-        print(f"warm {name}: {len(frame)} rows, {time.time() - t:.0f} s, {feat.last_stats_}", flush=True)
+    feat.verbose = 0
+    t0 = time.time()
+    first = bon["prompt_id"].isin(bon["prompt_id"].unique()[:len(bon["prompt_id"].unique()) // 2]).to_numpy()
+    jobs = [("bon (first half of the prompts)", bon.loc[first, ["prompt", "response"]]),
+            ("train", train[["prompt", "chosen", "rejected"]]), ("ratings", ratings[["prompt", "response"]]),
+            ("bon (second half)", bon.loc[~first, ["prompt", "response"]])]
+    for name, frame in jobs:
+        for i in range(0, len(frame), chunk):
+            feat.transform(frame.iloc[i:i + chunk])
+            print(f"warm {name} {min(i + chunk, len(frame))}/{len(frame)} rows, {time.time() - t0:.0f} s, "
+                  f"{feat.last_stats_['cache_hits']} cache hits", flush=True)
 
 
 # -- reward models: ctx -> proxy scores of the candidates ------------------------------------------------
@@ -168,11 +186,17 @@ def ensemble(ctx):
 def armorm(ctx):
     from rmkit import ArmoRM, GatedScalarizer, VerbosityDecorrelator
 
-    model = ArmoRM(ctx.featurizer, rating_columns=RATING_COLUMNS, pair_objective_column="objective",
+    cols = [c for c in RATING_COLUMNS if ctx.ratings[c].notna().sum() >= 10]  # enough labelled rows to fit
+    ctx.notes["armorm_rating_columns"] = {c: int(ctx.ratings[c].notna().sum()) for c in cols}
+    counts = ctx.train["objective"].value_counts()
+    small = set(counts[counts < 20].index)  # too few pairs to fit (and cross-validate) a probe: left out
+    objective = ctx.train["objective"].where(~ctx.train["objective"].isin(small), None)
+    ctx.notes["armorm_pair_objectives"] = objective.value_counts().to_dict()
+    model = ArmoRM(ctx.featurizer, rating_columns=cols, pair_objective_column="objective",
                    decorrelator=VerbosityDecorrelator(**ARMORM_DECORRELATION), gating=GatedScalarizer(**ARMORM_GATING),
                    cv=3, random_state=ctx.seed)
-    train = ctx.pairs.assign(objective=ctx.train["objective"].to_numpy())
-    model.fit(train, ratings=ctx.ratings[["prompt", "response"]].join(ctx.ratings[RATING_COLUMNS]))
+    train = ctx.pairs.assign(objective=objective.to_numpy())
+    model.fit(train, ratings=ctx.ratings[["prompt", "response"]].join(ctx.ratings[cols]))
     return {"armorm": model.predict(ctx.candidates)}
 
 
@@ -222,6 +246,12 @@ def evaluate(scores, bon, bounds, seed=0):
 
 def compare(results, reference="bt_probe", n_boot=BOUNDS["n_boot"], seed=0):
     """Gain@16 of every model minus the reference's, with a paired bootstrap over prompts; and the goal check."""
+    if reference not in results:
+        return {name: dict(gain16_minus_probe=float("nan"), low=float("nan"), high=float("nan"),
+                           gain16=float(np.asarray(r["per_prompt"]).mean(0)[-1] - np.asarray(r["per_prompt"]).mean(0)[0]),
+                           holds_where_probe_falls=None, meets_goal=None,
+                           peak_n=int(N_VALUES[int(np.argmax(np.asarray(r["per_prompt"]).mean(0)))]))
+                for name, r in results.items()}, None
     ref = np.asarray(results[reference]["per_prompt"])
     ref_curve = ref.mean(0)
     falls = [i for i in range(1, len(N_VALUES)) if ref_curve[i] < ref_curve[i - 1]]
@@ -252,24 +282,29 @@ def markdown(results, comparison, probe_falls, meta):
         cells = [LABELS.get(name, name)]
         cells += [f"{t['gold'][i]:.3f} [{t['gold_low'][i]:.3f}, {t['gold_high'][i]:.3f}]" for i in range(len(N_VALUES))]
         cells.append(f"{t['gain'][-1]:+.3f} [{t['gain_low'][-1]:+.3f}, {t['gain_high'][-1]:+.3f}]")
-        cells.append("–" if name == "bt_probe" else f"{c['gain16_minus_probe']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]")
+        cells.append("–" if name == "bt_probe" or c["meets_goal"] is None else
+                     f"{c['gain16_minus_probe']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]")
         cells.append(str(c["peak_n"]))
-        cells.append("ref" if name in ("bt_probe", "oracle") else ("yes" if c["meets_goal"] else "no"))
+        cells.append("ref" if name in ("bt_probe", "oracle") else
+                     {True: "yes", False: "no", None: "– (no probe row)"}[c["meets_goal"]])
         lines.append("| " + " | ".join(cells) + " |")
     info = meta["data"]
     text = [
         "# Best-of-N over-optimisation (AlpacaEval outputs, GPT-4-turbo judge as gold)",
         "",
         f"Gold: `{GOLD}` (AlpacaEval's weighted GPT-4-turbo judge: P(candidate beats GPT-4-1106's output)), "
-        f"{info['n_prompts']} prompts (seeded sample) of `bon_alpacaeval.jsonl.gz`, only candidates carrying the gold "
+        f"{info['n_prompts']} prompts (a seeded permutation's first) of `bon_alpacaeval.jsonl.gz`, only candidates carrying the gold "
         f"score: {info['n_candidates']} candidates (~{info['n_candidates'] / info['n_prompts']:.1f} per prompt). "
         f"For each prompt and N, N candidates are drawn with replacement ({meta['bounds']['n_draws']} seeded draws, "
         "the same draws for every model), the highest-reward one is picked and its gold recorded; "
         f"brackets: 95% percentile bootstrap over prompts ({meta['bounds']['n_boot']} resamples). "
         "KL_bon = log N − (N−1)/N = 0, 0.19, 0.64, 1.21, 1.84 nats for N = 1, 2, 4, 8, 16.",
         "",
-        f"Training: {meta['n_train_pairs']} pairs of `pairwise_train.jsonl.gz` (first {meta['n_train_pairs']} of a "
-        f"seeded sample of 1000) after removing every pair whose prompt is a best-of-N prompt: "
+        ("Training (the learned rows): " if any(k in results for k in ("bt_probe", "ens_mean", "armorm", "dmoerm"))
+         else "No learned reward model is in this table (see the notes below); their training set would be: ") +
+        f"{meta['n_train_pairs']} pairs of `pairwise_train.jsonl.gz` (first {meta['n_train_pairs']} of a "
+        f"seeded sample of 1000 whose prompt and responses fit in {meta['bounds'].get('train_max_chars')} characters) "
+        f"after removing every pair whose prompt is a best-of-N prompt: "
         f"**{info['pairs_removed']} of {info['pairs_total']} pairs removed** ({info['pairs_removed_sources']}); "
         f"ArmoRM also uses {meta['n_ratings']} rated rows of `multiobjective_sparse.jsonl.gz` "
         f"({info['rated_rows_removed_of_sample']} rated rows of its 1500-row sample removed for the same reason). "
@@ -278,15 +313,10 @@ def markdown(results, comparison, probe_falls, meta):
         "",
         *lines,
         "",
-        f"BT probe: Bradley-Terry logistic probe (`rmkit.ensemble.BradleyTerryProbe`, C = {meta.get('probe_C')} "
-        f"chosen by 5-fold prompt-grouped CV on the training pairs: {meta.get('probe_cv_accuracy')}). "
-        "Ensemble: `RewardEnsemble` of 5 such probes, each on a prompt-grouped bootstrap resample, members "
-        "standardised on the training responses; mean / WCO (min) / UWO (mean − 1.0·std) combine the same fitted "
-        f"members (mean pairwise correlation of the members' candidate rewards: "
-        f"{meta.get('ensemble_member_corr', float('nan')):.3f}). ArmoRM: `benchmarks/quality.py`'s settings "
-        "(gating chosen there on training data), cv = 3.",
+        *model_notes(results, meta),
         "",
-        f"Segments where the BT probe's curve falls: {probe_falls or 'none'}. `gain − probe's`: gain@16 minus the "
+        f"Segments where the BT probe's curve falls: "
+        f"{'(no BT probe row)' if probe_falls is None else (probe_falls or 'none')}. `gain − probe's`: gain@16 minus the "
         "probe's gain@16, paired bootstrap over prompts. `goal` = gain@16 ≥ the probe's gain@16 and the curve does "
         "not fall on any segment where the probe's falls.",
         "",
@@ -296,6 +326,25 @@ def markdown(results, comparison, probe_falls, meta):
         f"{meta['machine']}).",
     ]
     return "\n".join(text) + "\n"
+
+
+def model_notes(results, meta):
+    notes = []
+    if "bt_probe" in results or "ens_mean" in results:
+        notes.append(f"BT probe: Bradley-Terry logistic probe (`rmkit.ensemble.BradleyTerryProbe`, C = "
+                     f"{meta.get('probe_C')} chosen by 5-fold prompt-grouped CV on the training pairs: "
+                     f"{meta.get('probe_cv_accuracy')}).")
+    if "ens_mean" in results:
+        notes.append("Ensemble: `RewardEnsemble` of 5 such probes, each on a prompt-grouped bootstrap resample, "
+                     "members standardised on the training responses; mean / WCO (min) / UWO (mean − 1.0·std) "
+                     "combine the same fitted members (mean pairwise correlation of the members' candidate rewards: "
+                     f"{meta.get('ensemble_member_corr', float('nan')):.3f}).")
+    if "armorm" in results:
+        notes.append(f"ArmoRM: `benchmarks/quality.py`'s gating and decorrelation settings, cv = 3, rated objectives "
+                     f"{meta.get('armorm_rating_columns')}, pair objectives {meta.get('armorm_pair_objectives')}.")
+    if "length" in results:
+        notes.append("Longer wins: the candidate with the most response tokens (backbone tokenizer) is picked.")
+    return [" ".join(notes)] if notes else []
 
 
 def write_plot(stem, results):
@@ -340,6 +389,8 @@ def main(argv=None):
     parser.add_argument("--replot", action="store_true", help="only redraw the table and PNG from bon.json")
     parser.add_argument("--smoke", action="store_true", help="tiny random backbone, tiny bounds: checks the code path")
     parser.add_argument("--note", action="append", default=[], help="a line added under the table")
+    parser.add_argument("--n-pairs", type=int, default=None, help="override BOUNDS['n_pairs'] (a prefix)")
+    parser.add_argument("--n-prompts", type=int, default=None, help="override BOUNDS['n_prompts'] (a prefix)")
     args = parser.parse_args(argv)
     stem = Path(args.out)
     bounds, backbone = BOUNDS, None
@@ -347,6 +398,10 @@ def main(argv=None):
         from rmkit.testing import tiny_backbone
 
         bounds, backbone = SMOKE, tiny_backbone()
+    if args.n_pairs:
+        bounds = dict(bounds, n_pairs=args.n_pairs)
+    if args.n_prompts:
+        bounds = dict(bounds, n_prompts=args.n_prompts)
     if args.replot:
         return report(stem, json.loads(stem.with_suffix(".json").read_text()))
     import torch
