@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["plot_best_of_n", "plot_decorrelation", "plot_gating_heatmap", "plot_pair_coefficients", "plot_rewardbench"]
+__all__ = ["plot_best_of_n", "plot_decorrelation", "plot_gating_heatmap", "plot_pair_coefficients",
+           "plot_rewardbench"]
 
 
 def _pyplot():
