@@ -39,6 +39,7 @@ _EXPORTS = {
     "CapabilityAggregator": "_dmoerm",
     "CapabilityMoE": "_dmoerm",
     "DMoERM": "_dmoerm",
+    "RewardEnsemble": "ensemble",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -62,6 +63,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports (re-exports)
     from ._backbones import EMBEDDED_BACKBONE, cache_dir, resolve_backbone  # noqa: F401
     from ._decorrelation import VerbosityDecorrelator  # noqa: F401
     from ._dmoerm import CapabilityAggregator, CapabilityMoE, DMoERM  # noqa: F401
+    from .ensemble import RewardEnsemble  # noqa: F401
     from ._experts import CapabilityExperts  # noqa: F401
     from ._featurizer import BackboneFeaturizer, split_feature_blocks  # noqa: F401
     from ._gating import GatedScalarizer  # noqa: F401

@@ -1,4 +1,4 @@
-"""Metrics for reward models: pairwise accuracy and RewardBench-style scores.
+"""Metrics for reward models: pairwise accuracy, RewardBench-style scores, best-of-4.
 
 RewardBench (Lambert et al. 2024) scores a reward model by the share of pairs
 where the chosen response scores strictly higher than the rejected one (ties
@@ -6,6 +6,13 @@ count as wrong). Subsets are grouped into sections; a section's score is the
 example-weighted mean of its subsets' accuracies, and the overall score is
 ``(2·Chat + 2·Chat Hard + 2·Safety + 2·Reasoning + 1·Prior) / 9`` over the
 sections present.
+
+RewardBench 2 (Malik et al. 2025) instead gives each prompt one chosen and
+several (usually three) rejected responses: a row counts as correct when the
+chosen response scores above every rejected one (best-of-4 accuracy);
+:func:`best_of_n_accuracy` scores that format, a tie for the top counting
+``1 / number tied``, and :func:`score_candidates` / :func:`best_of_n_scorer`
+score rows holding lists of candidates with any reward model.
 """
 
 from __future__ import annotations
@@ -15,10 +22,13 @@ import pandas as pd
 
 __all__ = [
     "SECTION_WEIGHTS",
+    "best_of_n_accuracy",
+    "best_of_n_scorer",
     "pairwise_accuracy",
     "pairwise_scorer",
     "rewardbench_report",
     "rewardbench_scores",
+    "score_candidates",
 ]
 
 SECTION_WEIGHTS = {"Chat": 2.0, "Chat Hard": 2.0, "Safety": 2.0, "Reasoning": 2.0, "Prior": 1.0}
@@ -153,3 +163,137 @@ def pairwise_scorer(estimator, X, y=None):
     if np.isnan(p).any() or (p < 0).any() or (p > 1).any():
         raise ValueError("pairwise_scorer expects predict() on pairs to return P(chosen > rejected) in [0, 1].")
     return float(np.mean(p > 0.5))
+
+
+# -- RewardBench 2 format: one chosen response against several rejected ones ---------------------------
+
+def _as_list(value, column, row):
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0:
+        return list(value)
+    raise ValueError(f"Column '{column}' at row {row} must hold a response or a non-empty list of responses.")
+
+
+def best_of_n_accuracy(chosen_scores, rejected_scores, *, per_row=False):
+    """Share of rows whose chosen response scores above all of its rejected ones (RewardBench 2).
+
+    A tie for the top counts ``1 / number tied`` (the chance that a random
+    tie-break picks the chosen response); a chosen response below the top
+    counts 0.
+
+    Parameters
+    ----------
+    chosen_scores : array-like of shape (n,)
+        One score per row (a one-element list per row is accepted).
+    rejected_scores : array-like of shape (n, k) or list of n sequences
+        The rejected responses' scores; rows may hold different numbers.
+    per_row : bool, default=False
+        Return the credit of every row instead of the mean.
+
+    Examples
+    --------
+    >>> best_of_n_accuracy([3.0, 2.0, 1.0], [[1, 2, 0], [2, 1, 0], [2, 0, 0]], per_row=True).tolist()
+    [1.0, 0.5, 0.0]
+    >>> best_of_n_accuracy([3.0, 2.0, 1.0], [[1, 2, 0], [2, 1, 0], [2, 0, 0]])
+    0.5
+    """
+    chosen = [np.asarray(c, dtype=float).reshape(-1) for c in
+              (chosen_scores if isinstance(chosen_scores, (list, tuple)) else np.asarray(chosen_scores, dtype=float))]
+    rejected = [np.asarray(r, dtype=float).reshape(-1) for r in rejected_scores]
+    if len(chosen) != len(rejected):
+        raise ValueError(f"{len(chosen)} chosen scores for {len(rejected)} rows of rejected scores.")
+    if not chosen:
+        raise ValueError("No rows to score.")
+    credit = np.empty(len(chosen))
+    for i, (c, r) in enumerate(zip(chosen, rejected)):
+        if c.size != 1:
+            raise ValueError(f"Row {i} has {c.size} chosen scores; best-of-n accuracy needs exactly one.")
+        if r.size == 0:
+            raise ValueError(f"Row {i} has no rejected scores.")
+        if not (np.isfinite(c).all() and np.isfinite(r).all()):
+            raise ValueError(f"Row {i} has NaN or infinite scores.")
+        c = c[0]
+        credit[i] = 0.0 if (r > c).any() else 1.0 / (1 + int((r == c).sum()))
+    return credit if per_row else float(credit.mean())
+
+
+def score_candidates(model, data, *, columns=("chosen", "rejected")):
+    """Rewards of every candidate response of rows holding lists of responses.
+
+    Each row of ``data`` has ``prompt`` (or ``messages``) and, in each of
+    ``columns``, a response or a list of responses (the RewardBench 2 layout:
+    ``chosen`` one response, ``rejected`` three). All candidates are scored
+    in one ``model.predict`` call on pointwise rows, so any rmkit reward
+    model (or pipeline) works, and scores do not depend on how rows are
+    grouped.
+
+    Returns
+    -------
+    tuple of lists
+        For each column, a list with one float array per row.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> class LengthRM:
+    ...     def predict(self, X):
+    ...         return X["response"].str.len().to_numpy(float)
+    >>> rows = pd.DataFrame({"prompt": ["q"], "chosen": [["a long answer"]], "rejected": [["no", "nope", "short"]]})
+    >>> chosen, rejected = score_candidates(LengthRM(), rows)
+    >>> chosen[0].tolist(), rejected[0].tolist()
+    ([13.0], [2.0, 4.0, 5.0])
+    >>> best_of_n_accuracy(chosen, rejected)
+    1.0
+    """
+    df = data if isinstance(data, pd.DataFrame) else pd.DataFrame(data)
+    conv = [c for c in ("prompt", "messages") if c in df.columns]
+    if not conv:
+        raise ValueError("data needs a 'prompt' (or 'messages') column.")
+    for col in columns:
+        if col not in df.columns:
+            raise ValueError(f"data is missing the column '{col}'.")
+    owners, sizes, responses = [], [], []
+    for col in columns:
+        col_sizes = []
+        for i, value in enumerate(df[col].tolist()):
+            items = _as_list(value, col, i)
+            owners += [i] * len(items)
+            responses += items
+            col_sizes.append(len(items))
+        sizes.append(col_sizes)
+    rows = df[conv].iloc[owners].reset_index(drop=True).assign(response=responses)
+    s = np.asarray(model.predict(rows), dtype=float)
+    if s.ndim == 2 and s.shape[1] == 1:
+        s = s[:, 0]
+    if s.shape != (len(rows),):
+        raise ValueError(f"model.predict returned shape {s.shape} for {len(rows)} pointwise rows; expected one "
+                         "reward per row.")
+    out, start = [], 0
+    for col_sizes in sizes:
+        ends = start + np.cumsum(col_sizes)
+        out.append([s[a:b] for a, b in zip(np.r_[start, ends[:-1]], ends)])
+        start = int(ends[-1])
+    return tuple(out)
+
+
+def best_of_n_scorer(estimator, X, y=None):
+    """Scorer for ``GridSearchCV`` / ``cross_val_score`` on RewardBench 2 rows (best-of-n accuracy).
+
+    ``X`` holds ``prompt``, ``chosen`` (one response) and ``rejected`` (a
+    list of responses); the estimator's ``predict`` on pointwise rows gives
+    the rewards. ``y`` is ignored.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> class LengthRM:
+    ...     def predict(self, X):
+    ...         return X["response"].str.len().to_numpy(float)
+    >>> rows = pd.DataFrame({"prompt": ["q", "r"], "chosen": ["long answer", "ab"],
+    ...                      "rejected": [["a", "b", "c"], ["cd", "x", "y"]]})
+    >>> best_of_n_scorer(LengthRM(), rows)  # row 2: "ab" ties "cd" for the top
+    0.75
+    """
+    chosen, rejected = score_candidates(estimator, X)
+    return best_of_n_accuracy(chosen, rejected)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["plot_decorrelation", "plot_gating_heatmap", "plot_pair_coefficients", "plot_rewardbench"]
+__all__ = ["plot_best_of_n", "plot_decorrelation", "plot_gating_heatmap", "plot_pair_coefficients",
+           "plot_rewardbench"]
 
 
 def _pyplot():
@@ -306,5 +307,71 @@ def plot_rewardbench(scores, *, sections=None, ax=None, errorbars=True):
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.0)
     ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")  # chance on pairs
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_best_of_n(results, *, x="n", ax=None, intervals=True, baseline=True):
+    """Gold score of the best-of-N pick per reward model: gold@N or gold vs KL_bon.
+
+    The over-optimisation picture (Gao et al. 2022): a reward model that
+    tracks the gold rises with N; one that is exploited rises, then falls.
+
+    Parameters
+    ----------
+    results : dict
+        ``{model name: rmkit.evaluation.best_of_n(...) result}`` (DataFrames
+        with ``n``, ``kl_bon``, ``gold`` and optionally ``gold_low`` /
+        ``gold_high``) or ``{name: {"n": [...], "kl_bon": [...], "gold": [...]}}``.
+    x : {"n", "kl_bon"}, default="n"
+        ``"n"``: N on a log2 axis; ``"kl_bon"``: KL_bon = log N - (N - 1)/N.
+    ax : matplotlib Axes, optional
+    intervals : bool, default=True
+        Shade the bootstrap interval where the results carry one.
+    baseline : bool, default=True
+        A dashed line at the first model's gold@1 (random choice).
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+
+    Examples
+    --------
+    >>> ax = plot_best_of_n({"probe": {"n": [1, 2, 4], "kl_bon": [0, 0.19, 0.64], "gold": [0.3, 0.35, 0.33]},
+    ...                      "ensemble": {"n": [1, 2, 4], "kl_bon": [0, 0.19, 0.64], "gold": [0.3, 0.36, 0.4]}},
+    ...                     x="kl_bon")
+    >>> [line.get_label() for line in ax.get_lines()][:2], ax.get_xlabel()
+    (['probe', 'ensemble'], 'KL_bon = log N - (N-1)/N (nats)')
+    >>> [round(float(v), 2) for v in ax.get_lines()[1].get_ydata()]
+    [0.3, 0.36, 0.4]
+    """
+    import pandas as pd
+
+    if x not in ("n", "kl_bon"):
+        raise ValueError(f"x must be 'n' or 'kl_bon', got {x!r}.")
+    if not isinstance(results, dict) or not results:
+        raise ValueError("results must be a non-empty dict {model name: best_of_n result}.")
+    ax = _axes(ax, (5.5, 3.6))
+    first = None
+    for name, res in results.items():
+        df = res if isinstance(res, pd.DataFrame) else pd.DataFrame(res)
+        for col in (x, "gold"):
+            if col not in df.columns:
+                raise ValueError(f"results[{name!r}] has no column {col!r}.")
+        xs, ys = _finite(df[x], f"results[{name!r}][{x!r}]"), _finite(df["gold"], f"results[{name!r}]['gold']")
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=str(name))
+        if intervals and {"gold_low", "gold_high"} <= set(df.columns):
+            ax.fill_between(xs, df["gold_low"].to_numpy(float), df["gold_high"].to_numpy(float),
+                            color=line.get_color(), alpha=0.12, linewidth=0)
+        if first is None:
+            first = ys[0]
+    if baseline and first is not None:
+        ax.axhline(first, color="grey", linewidth=0.8, linestyle="--")
+    if x == "n":
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("N (candidates drawn)")
+    else:
+        ax.set_xlabel("KL_bon = log N - (N-1)/N (nats)")
+    ax.set_ylabel("gold score of the pick")
     ax.legend(fontsize=8)
     return ax

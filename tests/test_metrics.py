@@ -86,3 +86,49 @@ def test_pairwise_scorer_in_grid_search():
     assert gs.best_score_ == pytest.approx(np.mean(X[:, 0] > X[:, 1]), abs=0.05)
     with pytest.raises(ValueError, match="P\\(chosen > rejected\\)"):
         pairwise_scorer(_ThresholdPairModel().fit(X), np.full((3, 2), np.nan))
+
+
+# -- RewardBench 2 format ------------------------------------------------------------------------------
+
+from rmkit.metrics import best_of_n_accuracy, best_of_n_scorer, score_candidates  # noqa: E402
+
+
+def test_best_of_4_tie_rule():
+    chosen = [5.0, 5.0, 5.0, 5.0, 1.0]
+    rejected = [[1, 2, 3], [5, 2, 3], [5, 5, 3], [5, 5, 5], [0, 2, 0]]
+    credit = best_of_n_accuracy(chosen, rejected, per_row=True)
+    np.testing.assert_allclose(credit, [1.0, 1 / 2, 1 / 3, 1 / 4, 0.0])
+    assert best_of_n_accuracy(chosen, rejected) == pytest.approx(np.mean([1, 1 / 2, 1 / 3, 1 / 4, 0]))
+    # ragged rows and one-element chosen lists
+    assert best_of_n_accuracy([[2.0], [1.0]], [[1.0], [0.0, 1.0, 3.0]]) == 0.5
+
+
+@pytest.mark.parametrize("c, r, match", [([1.0, 2.0], [[0.0]], "2 chosen scores for 1 rows"),
+                                         ([[1.0, 2.0]], [[0.0]], "exactly one"), ([1.0], [[]], "no rejected"),
+                                         ([np.nan], [[0.0]], "NaN"), ([], [], "No rows")])
+def test_best_of_n_accuracy_rejects_bad_input(c, r, match):
+    with pytest.raises(ValueError, match=match):
+        best_of_n_accuracy(c, r)
+
+
+class _CountingLengthRM:
+    calls = 0
+
+    def predict(self, X):
+        type(self).calls += 1
+        return X["response"].str.len().to_numpy(float)
+
+
+def test_score_candidates_scores_all_in_one_call_and_keeps_row_structure():
+    rows = pd.DataFrame({"prompt": ["p", "q"], "chosen": ["four", ["xy"]],
+                         "rejected": [["a", "bbbbbb", "cc"], ["wxyz"]]})
+    _CountingLengthRM.calls = 0
+    chosen, rejected = score_candidates(_CountingLengthRM(), rows)
+    assert _CountingLengthRM.calls == 1
+    assert [c.tolist() for c in chosen] == [[4.0], [2.0]]
+    assert [r.tolist() for r in rejected] == [[1.0, 6.0, 2.0], [4.0]]
+    assert best_of_n_scorer(_CountingLengthRM(), rows) == 0.0
+    with pytest.raises(ValueError, match="non-empty list"):
+        score_candidates(_CountingLengthRM(), rows.assign(rejected=[[], ["a"]]))
+    with pytest.raises(ValueError, match="missing the column 'rejected'"):
+        score_candidates(_CountingLengthRM(), rows.drop(columns=["rejected"]))

@@ -114,3 +114,29 @@ def test_rewardbench_from_frame_and_section_order():
         plotting.plot_rewardbench({})
     with pytest.raises(TypeError, match="must be a dict of section"):
         plotting.plot_rewardbench({"m": 0.5})
+
+
+def test_best_of_n_curves_from_results(tmp_path):
+    from rmkit.evaluation import best_of_n
+
+    rng = np.random.default_rng(0)
+    data = pd.DataFrame({"prompt_id": np.repeat(np.arange(20), 6), "gold": rng.normal(size=120)})
+    results = {"oracle": best_of_n("gold", data, n_values=(1, 2, 4), n_draws=20, n_boot=50, random_state=0),
+               "noise": best_of_n(rng.normal(size=120), data, n_values=(1, 2, 4), n_draws=20, n_boot=50,
+                                  random_state=0)}
+    ax = plotting.plot_best_of_n(results)
+    lines = ax.get_lines()
+    assert [ln.get_label() for ln in lines[:2]] == ["oracle", "noise"]
+    np.testing.assert_allclose(lines[0].get_ydata(), results["oracle"]["gold"])
+    np.testing.assert_allclose(lines[0].get_xdata(), [1, 2, 4])
+    assert ax.get_xscale() == "log" and len(ax.collections) == 2  # one bootstrap band per model
+    assert lines[-1].get_ydata()[0] == pytest.approx(results["oracle"]["gold"].iloc[0])  # gold@1 baseline
+    ax2 = plotting.plot_best_of_n(results, x="kl_bon", intervals=False)
+    np.testing.assert_allclose(ax2.get_lines()[1].get_xdata(), results["noise"]["kl_bon"])
+    assert len(ax2.collections) == 0
+    ax2.figure.savefig(tmp_path / "bon.png")
+    assert (tmp_path / "bon.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="x must be"):
+        plotting.plot_best_of_n(results, x="N")
+    with pytest.raises(ValueError, match="has no column 'gold'"):
+        plotting.plot_best_of_n({"m": {"n": [1, 2]}})

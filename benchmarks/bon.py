@@ -1,0 +1,447 @@
+"""Best-of-N over-optimisation on AlpacaEval outputs with a judge's gold score.
+
+For a bounded subset of the prompts of ``bon_alpacaeval.jsonl.gz``, every
+candidate response that carries the GPT-4-turbo judge's gold score
+(``gold_turbo``: the probability that it beats GPT-4-1106's output) is scored
+by each reward model; :func:`rmkit.evaluation.best_of_n` then draws N
+candidates per prompt (with replacement, 200 seeded draws), picks the
+highest-reward one and reports its mean gold score against N and against
+KL_bon = log N - (N - 1) / N, with a 95% bootstrap interval over prompts.
+
+Reward models are trained on ``pairwise_train.jsonl.gz`` with every prompt of
+the best-of-N file removed (they occur there as ``alpaca_eval:*`` pairs);
+the rated rows of ArmoRM likewise. Features come from one
+:class:`rmkit.BackboneFeaturizer` (layer 10, bfloat16, max 512 tokens) and its
+on-disk cache, so every model reuses one backbone pass per text.
+
+Usage::
+
+    python benchmarks/bon.py --warm              # only fill the feature cache
+    python benchmarks/bon.py                     # table + curves
+    python benchmarks/bon.py --models bt_probe length
+
+Results go to ``benchmarks/results/bon.md``, ``.json`` and ``bon.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LAYER = 10
+FEATURIZER = dict(layer=LAYER, max_length=512, dtype="bfloat16", batch_size=16)
+# Bounded for a 2-core CPU shared with other jobs (1-5 s per text with the 135M backbone under load):
+# training pairs are the first n_pairs of a seeded sample of 1000 whose prompt + both responses fit in
+# train_max_chars characters (RMB prompts and responses are long: a pair costs ~3-4 candidate texts);
+# rated rows likewise (prompt + response <= rating_max_chars).
+BOUNDS = dict(n_prompts=40, n_pairs=80, train_max_chars=2000, n_ratings=40, rating_max_chars=800, n_draws=200,
+              n_boot=1000)
+GOLD = "gold_turbo"
+N_VALUES = (1, 2, 4, 8, 16)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import (ARMORM_DECORRELATION, ARMORM_GATING, LORA, RATING_COLUMNS, dmoerm_frame,  # noqa: E402
+                     pair_objective)
+
+
+def _norm(text):
+    return " ".join(str(text).split()).lower()
+
+
+def load_data(bounds=BOUNDS, seed=0):
+    """The bounded best-of-N candidates, the training pairs and rated rows (bon prompts left out)."""
+    from rmkit.datasets import load_bon, load_pairwise, load_ratings
+
+    bon = load_bon()
+    bon_prompts = set(bon["prompt"].map(_norm))
+    bon = bon[bon[GOLD].notna() & (bon["response"].fillna("").str.strip() != "")]
+    # a seeded permutation of the prompts: a smaller n_prompts is a prefix of a larger one
+    ids = np.random.default_rng(seed).permutation(np.sort(bon["prompt_id"].unique()))[:bounds["n_prompts"]]
+    rank = {pid: k for k, pid in enumerate(ids)}
+    bon = bon[bon["prompt_id"].isin(ids)]
+    bon = bon.sort_values("prompt_id", key=lambda c: c.map(rank), kind="stable").reset_index(drop=True)
+
+    all_pairs = load_pairwise()
+    overlap = all_pairs["prompt"].map(_norm).isin(bon_prompts)
+    kept = all_pairs[~overlap]
+    train = kept.sample(n=1000, random_state=seed)
+    chars = train["prompt"].str.len() + train["chosen"].str.len() + train["rejected"].str.len()
+    train = train[chars <= bounds["train_max_chars"]].head(bounds["n_pairs"]).reset_index(drop=True)
+    train = train.assign(objective=train.apply(pair_objective, axis=1))
+
+    ratings = load_ratings(n=1500, random_state=seed)
+    ratings = ratings[ratings["response"].fillna("").str.strip() != ""]
+    r_overlap = ratings["prompt"].map(_norm).isin(bon_prompts)
+    ratings = ratings[~r_overlap]
+    ratings = ratings[ratings["prompt"].str.len() + ratings["response"].str.len() <= bounds["rating_max_chars"]]
+    ratings = ratings.head(bounds["n_ratings"]).reset_index(drop=True)
+    info = dict(pairs_total=int(len(all_pairs)), pairs_removed=int(overlap.sum()),
+                pairs_removed_sources=all_pairs.loc[overlap, "source"].value_counts().to_dict(),
+                pairs_left=int(len(kept)), rated_rows_removed_of_sample=int(r_overlap.sum()),
+                n_prompts=int(bon["prompt_id"].nunique()), n_candidates=int(len(bon)))
+    return bon, train, ratings, info
+
+
+_SMOKE_CACHE = str(Path(__import__("tempfile").gettempdir()) / "rmkit-bon-smoke-features")
+SMOKE = dict(BOUNDS, n_prompts=8, n_pairs=60, n_draws=20, n_boot=50)  # --smoke: tiny backbone, minutes
+
+
+def featurizer(backbone=None):
+    from rmkit import BackboneFeaturizer
+
+    # the smoke run's tiny backbone gets its own throw-away cache folder (shared by the models of one run)
+    extra = {} if backbone is None else dict(backbone=backbone, layer=-1, cache=_SMOKE_CACHE)
+    return BackboneFeaturizer(**{**FEATURIZER, **extra}, verbose=1).fit()
+
+
+def warm(bon, train, ratings, chunk=24):
+    """Fill the on-disk feature cache in small chunks (a stop loses at most one chunk), candidates first."""
+    feat = featurizer()
+    feat.verbose = 0
+    t0 = time.time()
+    first = bon["prompt_id"].isin(bon["prompt_id"].unique()[:len(bon["prompt_id"].unique()) // 2]).to_numpy()
+    jobs = [("bon (first half of the prompts)", bon.loc[first, ["prompt", "response"]]),
+            ("train", train[["prompt", "chosen", "rejected"]]), ("ratings", ratings[["prompt", "response"]]),
+            ("bon (second half)", bon.loc[~first, ["prompt", "response"]])]
+    for name, frame in jobs:
+        for i in range(0, len(frame), chunk):
+            feat.transform(frame.iloc[i:i + chunk])
+            print(f"warm {name} {min(i + chunk, len(frame))}/{len(frame)} rows, {time.time() - t0:.0f} s, "
+                  f"{feat.last_stats_['cache_hits']} cache hits", flush=True)
+
+
+# -- reward models: ctx -> proxy scores of the candidates ------------------------------------------------
+
+class Context:
+    def __init__(self, bon, train, ratings, seed=0, backbone=None):
+        self.bon, self.train, self.ratings, self.seed = bon, train, ratings, seed
+        self.featurizer = featurizer(backbone)
+        self.pairs = train[["prompt", "chosen", "rejected"]].reset_index(drop=True)
+        self.candidates = bon[["prompt", "response"]].reset_index(drop=True)
+        self.notes = {}
+
+    def probe_C(self):
+        """Penalty of the Bradley-Terry probe: 5-fold (prompt-grouped) pairwise accuracy on the training pairs."""
+        if "probe_C" not in self.notes:
+            from sklearn.model_selection import GroupKFold
+
+            from rmkit.ensemble import BradleyTerryProbe, prompt_groups
+
+            F = self.featurizer.transform(self.pairs)
+            d = self.featurizer.hidden_size_
+            groups = prompt_groups(self.pairs)
+            acc = {}
+            for C in (0.001, 0.01, 0.1, 1.0):
+                folds = []
+                for tr, te in GroupKFold(5).split(F, groups=groups):
+                    probe = BradleyTerryProbe(C=C, random_state=self.seed).fit(F[tr])
+                    folds.append(np.mean(probe.predict(F[te]) > 0.5))
+                acc[C] = float(np.mean(folds))
+            self.notes["probe_C"] = max(acc, key=acc.get)
+            self.notes["probe_cv_accuracy"] = acc
+        return self.notes["probe_C"]
+
+    def probe(self):
+        from sklearn.base import clone
+        from sklearn.pipeline import Pipeline
+
+        from rmkit.ensemble import BradleyTerryProbe
+
+        return Pipeline([("featurizer", clone(self.featurizer)),
+                         ("probe", BradleyTerryProbe(C=self.probe_C(), random_state=self.seed))])
+
+
+def longer_wins(ctx):
+    from rmkit._armorm import response_token_lengths
+
+    return {"length": response_token_lengths(list(ctx.candidates["response"]), ctx.featurizer.backbone)}
+
+
+def bt_probe(ctx):
+    return {"bt_probe": ctx.probe().fit(ctx.pairs).predict(ctx.candidates)}
+
+
+def ensemble(ctx):
+    """5 BT probes on prompt-grouped bootstrap resamples, combined three ways (one fit)."""
+    from rmkit import RewardEnsemble
+
+    ens = RewardEnsemble(estimator=ctx.probe(), n_members=5, bootstrap=True, lam=1.0,
+                         random_state=ctx.seed).fit(ctx.pairs)
+    ex = ens.explain(ctx.candidates)
+    Z = ex[ens.member_names_].to_numpy()
+    ctx.notes["ensemble_member_corr"] = float(np.mean(np.corrcoef(Z.T)[np.triu_indices(Z.shape[1], 1)]))
+    out = {}
+    for key, how in (("ens_mean", "mean"), ("ens_wco", "min"), ("ens_uwo", "uwo")):
+        out[key] = ens.set_params(combine=how).predict(ctx.candidates)
+    return out
+
+
+def armorm(ctx):
+    from rmkit import ArmoRM, GatedScalarizer, VerbosityDecorrelator
+
+    cols = [c for c in RATING_COLUMNS if ctx.ratings[c].notna().sum() >= 10]  # enough labelled rows to fit
+    ctx.notes["armorm_rating_columns"] = {c: int(ctx.ratings[c].notna().sum()) for c in cols}
+    counts = ctx.train["objective"].value_counts()
+    small = set(counts[counts < 20].index)  # too few pairs to fit (and cross-validate) a probe: left out
+    objective = ctx.train["objective"].where(~ctx.train["objective"].isin(small), None)
+    ctx.notes["armorm_pair_objectives"] = objective.value_counts().to_dict()
+    model = ArmoRM(ctx.featurizer, rating_columns=cols, pair_objective_column="objective",
+                   decorrelator=VerbosityDecorrelator(**ARMORM_DECORRELATION), gating=GatedScalarizer(**ARMORM_GATING),
+                   cv=3, random_state=ctx.seed)
+    train = ctx.pairs.assign(objective=objective.to_numpy())
+    model.fit(train, ratings=ctx.ratings[["prompt", "response"]].join(ctx.ratings[cols]))
+    return {"armorm": model.predict(ctx.candidates)}
+
+
+def dmoerm(ctx):
+    """DMoERM with LoRA experts (slow on a CPU: every candidate runs through the adapted backbone)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from rmkit import CapabilityAggregator, CapabilityExperts, DMoERM
+
+    train = dmoerm_frame(ctx.train.head(ctx.notes.get("dmoerm_pairs", 160)))
+    model = DMoERM(["preference", "refusal", "conciseness"],
+                   experts=CapabilityExperts(**LORA, random_state=ctx.seed, verbose=0),
+                   aggregator=CapabilityAggregator(hidden_size=64, max_epochs=100, validation_fraction=0.15,
+                                                   patience=10, random_state=ctx.seed),
+                   featurizer=TfidfVectorizer(sublinear_tf=True), drop_unlabelled=True, random_state=ctx.seed,
+                   verbose=0).fit(train)
+    return {"dmoerm": model.predict(ctx.candidates)}
+
+
+def oracle(ctx):
+    return {"oracle": ctx.bon[GOLD].to_numpy(float)}
+
+
+MODELS = {"oracle": oracle, "length": longer_wins, "bt_probe": bt_probe, "ensemble": ensemble, "armorm": armorm,
+          "dmoerm": dmoerm}
+LABELS = {
+    "oracle": "oracle (gold as proxy; reference)",
+    "length": "(0) longer wins",
+    "bt_probe": "(a) BT probe",
+    "ens_mean": "(b) 5-probe ensemble, mean",
+    "ens_wco": "(b) 5-probe ensemble, WCO (min)",
+    "ens_uwo": "(b) 5-probe ensemble, UWO (mean - 1.0 std)",
+    "armorm": "(c) ArmoRM",
+    "dmoerm": "(d) DMoERM (LoRA experts, 256 tok)",
+}
+
+
+# -- evaluation and report -------------------------------------------------------------------------------
+
+def evaluate(scores, bon, bounds, seed=0):
+    from rmkit.evaluation import best_of_n
+
+    res = best_of_n(scores, bon, gold=GOLD, group="prompt_id", n_values=N_VALUES, n_draws=bounds["n_draws"],
+                    n_boot=bounds["n_boot"], random_state=seed)
+    return {"table": res.to_dict("list"), "per_prompt": res.attrs["per_prompt"].tolist()}
+
+
+def compare(results, reference="bt_probe", n_boot=BOUNDS["n_boot"], seed=0):
+    """Gain@16 of every model minus the reference's, with a paired bootstrap over prompts; and the goal check."""
+    if reference not in results:
+        out = {}
+        for name, r in results.items():
+            curve = np.asarray(r["per_prompt"]).mean(0)
+            out[name] = dict(gain16_minus_probe=float("nan"), low=float("nan"), high=float("nan"),
+                             gain16=float(curve[-1] - curve[0]), holds_where_probe_falls=None, meets_goal=None,
+                             peak_n=int(N_VALUES[int(np.argmax(curve))]))
+        return out, None
+    ref = np.asarray(results[reference]["per_prompt"])
+    ref_curve = ref.mean(0)
+    falls = [i for i in range(1, len(N_VALUES)) if ref_curve[i] < ref_curve[i - 1]]
+    rng = np.random.RandomState(seed)
+    boot = rng.randint(ref.shape[0], size=(n_boot, ref.shape[0]))
+    out = {}
+    for name, r in results.items():
+        P = np.asarray(r["per_prompt"])
+        d = (P[:, -1] - P[:, 0]) - (ref[:, -1] - ref[:, 0])
+        dist = d[boot].mean(1)
+        curve = P.mean(0)
+        out[name] = dict(gain16_minus_probe=float(d.mean()), low=float(np.quantile(dist, 0.025)),
+                         high=float(np.quantile(dist, 0.975)),
+                         gain16=float(curve[-1] - curve[0]),
+                         holds_where_probe_falls=bool(all(curve[i] >= curve[i - 1] for i in falls)),
+                         peak_n=int(N_VALUES[int(np.argmax(curve))]))
+    probe_gain = out[reference]["gain16"]
+    for name, c in out.items():
+        c["meets_goal"] = bool(name != reference and c["gain16"] >= probe_gain and c["holds_where_probe_falls"])
+    return out, [f"{N_VALUES[i - 1]}->{N_VALUES[i]}" for i in falls]
+
+
+def markdown(results, comparison, probe_falls, meta):
+    head = ["model"] + [f"gold@{n}" for n in N_VALUES] + ["gain@16", "gain − probe's (paired)", "peak N", "goal"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        t, c = r["table"], comparison[name]
+        cells = [LABELS.get(name, name)]
+        cells += [f"{t['gold'][i]:.3f} [{t['gold_low'][i]:.3f}, {t['gold_high'][i]:.3f}]" for i in range(len(N_VALUES))]
+        cells.append(f"{t['gain'][-1]:+.3f} [{t['gain_low'][-1]:+.3f}, {t['gain_high'][-1]:+.3f}]")
+        cells.append("–" if name == "bt_probe" or c["meets_goal"] is None else
+                     f"{c['gain16_minus_probe']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]")
+        cells.append(str(c["peak_n"]))
+        cells.append("ref" if name in ("bt_probe", "oracle") else
+                     {True: "yes", False: "no", None: "– (no probe row)"}[c["meets_goal"]])
+        lines.append("| " + " | ".join(cells) + " |")
+    info = meta["data"]
+    text = [
+        "# Best-of-N over-optimisation (AlpacaEval outputs, GPT-4-turbo judge as gold)",
+        "",
+        f"Gold: `{GOLD}` (AlpacaEval's weighted GPT-4-turbo judge: P(candidate beats GPT-4-1106's output)), "
+        f"{info['n_prompts']} prompts (a seeded permutation's first) of `bon_alpacaeval.jsonl.gz`, only candidates "
+        "carrying the gold "
+        f"score: {info['n_candidates']} candidates (~{info['n_candidates'] / info['n_prompts']:.1f} per prompt). "
+        f"For each prompt and N, N candidates are drawn with replacement ({meta['bounds']['n_draws']} seeded draws, "
+        "the same draws for every model), the highest-reward one is picked and its gold recorded; "
+        f"brackets: 95% percentile bootstrap over prompts ({meta['bounds']['n_boot']} resamples). "
+        "KL_bon = log N − (N−1)/N = 0, 0.19, 0.64, 1.21, 1.84 nats for N = 1, 2, 4, 8, 16.",
+        "",
+        ("Training (the learned rows): " if any(k in results for k in ("bt_probe", "ens_mean", "armorm", "dmoerm"))
+         else "No learned reward model is in this table (see the notes below); their training set would be: ") +
+        f"{meta['n_train_pairs']} pairs of `pairwise_train.jsonl.gz` (first {meta['n_train_pairs']} of a "
+        f"seeded sample of 1000 whose prompt and responses fit in {meta['bounds'].get('train_max_chars')} characters) "
+        f"after removing every pair whose prompt is a best-of-N prompt: "
+        f"**{info['pairs_removed']} of {info['pairs_total']} pairs removed** ({info['pairs_removed_sources']}); "
+        f"ArmoRM also uses {meta['n_ratings']} rated rows of `multiobjective_sparse.jsonl.gz` "
+        f"({info['rated_rows_removed_of_sample']} rated rows of its 1500-row sample removed for the same reason). "
+        f"Features: `{meta['backbone']}` layer {LAYER}, bfloat16, max 512 tokens, one cached pass per text shared by "
+        "every model.",
+        "",
+        *lines,
+        "",
+        *model_notes(results, meta),
+        "",
+        f"Segments where the BT probe's curve falls: "
+        f"{'(no BT probe row)' if probe_falls is None else (probe_falls or 'none')}. "
+        "`gain − probe's`: gain@16 minus the "
+        "probe's gain@16, paired bootstrap over prompts. `goal` = gain@16 ≥ the probe's gain@16 and the curve does "
+        "not fall on any segment where the probe's falls.",
+        "",
+        *[line for note in meta.get("notes", []) for line in (note, "")],
+        "",
+        f"Generated by `python benchmarks/bon.py` ({meta['seconds']:.0f} s after the feature cache was warm, "
+        f"{meta['machine']}).",
+    ]
+    return "\n".join(text) + "\n"
+
+
+def model_notes(results, meta):
+    notes = []
+    if "bt_probe" in results or "ens_mean" in results:
+        notes.append(f"BT probe: Bradley-Terry logistic probe (`rmkit.ensemble.BradleyTerryProbe`, C = "
+                     f"{meta.get('probe_C')} chosen by 5-fold prompt-grouped CV on the training pairs: "
+                     f"{meta.get('probe_cv_accuracy')}).")
+    if "ens_mean" in results:
+        notes.append("Ensemble: `RewardEnsemble` of 5 such probes, each on a prompt-grouped bootstrap resample, "
+                     "members standardised on the training responses; mean / WCO (min) / UWO (mean − 1.0·std) "
+                     "combine the same fitted members (mean pairwise correlation of the members' candidate rewards: "
+                     f"{meta.get('ensemble_member_corr', float('nan')):.3f}).")
+    if "armorm" in results:
+        notes.append(f"ArmoRM: `benchmarks/quality.py`'s gating and decorrelation settings, cv = 3, rated objectives "
+                     f"{meta.get('armorm_rating_columns')}, pair objectives {meta.get('armorm_pair_objectives')}.")
+    if "length" in results:
+        notes.append("Longer wins: the candidate with the most response tokens (backbone tokenizer) is picked.")
+    return [" ".join(notes)] if notes else []
+
+
+def write_plot(stem, results):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from rmkit.plotting import plot_best_of_n
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
+    curves = {LABELS.get(k, k): r["table"] for k, r in results.items() if k != "oracle"}
+    plot_best_of_n(curves, x="n", ax=axes[0])
+    plot_best_of_n(curves, x="kl_bon", ax=axes[1], intervals=False)
+    axes[0].set_title("gold@N (95% bootstrap band)")
+    axes[1].set_title("gold vs KL_bon")
+    fig.savefig(stem.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+    return stem.with_suffix(".png")
+
+
+def report(stem, saved):
+    results = saved["results"]
+    comparison, falls = compare(results)
+    saved["comparison"], saved["probe_falls"] = comparison, falls
+    stem.with_suffix(".md").write_text(markdown(results, comparison, falls, saved["meta"]))
+    stem.with_suffix(".json").write_text(json.dumps(saved, indent=1, default=float))
+    write_plot(stem, results)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--warm", action="store_true", help="only fill the feature cache")
+    parser.add_argument("--models", nargs="*", default=[m for m in MODELS if m != "dmoerm"], choices=list(MODELS),
+                        help="default: all but dmoerm (LoRA experts: slow on a CPU; add it with --models dmoerm "
+                             "--merge)")
+    parser.add_argument("--merge", action="store_true", help="add the models to the existing bon.json")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(RESULTS / "bon"))
+    parser.add_argument("--replot", action="store_true", help="only redraw the table and PNG from bon.json")
+    parser.add_argument("--smoke", action="store_true", help="tiny random backbone, tiny bounds: checks the code path")
+    parser.add_argument("--note", action="append", default=[], help="a line added under the table")
+    parser.add_argument("--n-pairs", type=int, default=None, help="override BOUNDS['n_pairs'] (a prefix)")
+    parser.add_argument("--n-prompts", type=int, default=None, help="override BOUNDS['n_prompts'] (a prefix)")
+    args = parser.parse_args(argv)
+    stem = Path(args.out)
+    bounds, backbone = BOUNDS, None
+    if args.smoke:
+        from rmkit.testing import tiny_backbone
+
+        bounds, backbone = SMOKE, tiny_backbone()
+    if args.n_pairs:
+        bounds = dict(bounds, n_pairs=args.n_pairs)
+    if args.n_prompts:
+        bounds = dict(bounds, n_prompts=args.n_prompts)
+    if args.replot:
+        return report(stem, json.loads(stem.with_suffix(".json").read_text()))
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(args.threads)
+    threadpool_limits(args.threads)
+    bon, train, ratings, info = load_data(bounds)
+    print(info, flush=True)
+    if args.warm:
+        return warm(bon, train, ratings)
+    t0 = time.time()
+    ctx = Context(bon, train, ratings, backbone=backbone)
+    saved = json.loads(stem.with_suffix(".json").read_text()) if args.merge else {"results": {}, "meta": {}}
+    seconds = saved["meta"].get("model_seconds", {})
+    for name in args.models:
+        t = time.time()
+        for key, scores in MODELS[name](ctx).items():
+            saved["results"][key] = evaluate(scores, bon, bounds)
+            g = saved["results"][key]["table"]["gold"]
+            print(f"{LABELS[key]:45s} " + "  ".join(f"@{n} {v:.3f}" for n, v in zip(N_VALUES, g)), flush=True)
+        seconds[name] = time.time() - t
+    order = [k for k in LABELS if k in saved["results"]]
+    saved["results"] = {k: saved["results"][k] for k in order}
+    meta = saved["meta"]
+    if args.note:
+        meta["notes"] = meta.get("notes", []) + args.note
+    meta.update(data=info, bounds=bounds, n_train_pairs=len(train), n_ratings=len(ratings),
+                backbone=ctx.featurizer.backbone, model_seconds=seconds,
+                seconds=sum(seconds.values()) if args.merge else time.time() - t0,
+                machine=f"{platform.machine()}, {torch.get_num_threads()} torch threads, 2 shared cores")
+    meta.update({k: v for k, v in ctx.notes.items()})
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    report(stem, saved)
+    print(f"wrote {stem.with_suffix('.md')}, .json and .png")
+
+
+if __name__ == "__main__":
+    main()
