@@ -127,27 +127,6 @@ class Context:
         self.candidates = bon[["prompt", "response"]].reset_index(drop=True)
         self.notes = {}
 
-    def probe_C(self):
-        """Penalty of the Bradley-Terry probe: 5-fold (prompt-grouped) pairwise accuracy on the training pairs."""
-        if "probe_C" not in self.notes:
-            from sklearn.model_selection import GroupKFold
-
-            from rmkit.ensemble import BradleyTerryProbe, prompt_groups
-
-            F = self.featurizer.transform(self.pairs)
-            d = self.featurizer.hidden_size_
-            groups = prompt_groups(self.pairs)
-            acc = {}
-            for C in (0.001, 0.01, 0.1, 1.0):
-                folds = []
-                for tr, te in GroupKFold(5).split(F, groups=groups):
-                    probe = BradleyTerryProbe(C=C, random_state=self.seed).fit(F[tr])
-                    folds.append(np.mean(probe.predict(F[te]) > 0.5))
-                acc[C] = float(np.mean(folds))
-            self.notes["probe_C"] = max(acc, key=acc.get)
-            self.notes["probe_cv_accuracy"] = acc
-        return self.notes["probe_C"]
-
     def probe(self):
         from sklearn.base import clone
         from sklearn.pipeline import Pipeline
@@ -155,7 +134,7 @@ class Context:
         from rmkit.ensemble import BradleyTerryProbe
 
         return Pipeline([("featurizer", clone(self.featurizer)),
-                         ("probe", BradleyTerryProbe(C=self.probe_C(), random_state=self.seed))])
+                         ("probe", BradleyTerryProbe(random_state=self.seed))])  # penalty: prompt-grouped CV
 
 
 def longer_wins(ctx):
@@ -335,9 +314,8 @@ def markdown(results, comparison, probe_falls, meta):
 def model_notes(results, meta):
     notes = []
     if "bt_probe" in results or "ens_mean" in results:
-        notes.append(f"BT probe: Bradley-Terry logistic probe (`rmkit.ensemble.BradleyTerryProbe`, C = "
-                     f"{meta.get('probe_C')} chosen by 5-fold prompt-grouped CV on the training pairs: "
-                     f"{meta.get('probe_cv_accuracy')}).")
+        notes.append("BT probe: Bradley-Terry logistic probe (`rmkit.ensemble.BradleyTerryProbe`, penalty chosen "
+                     "by 5-fold prompt-grouped CV on the training pairs).")
     if "ens_mean" in results:
         notes.append("Ensemble: `RewardEnsemble` of 5 such probes, each on a prompt-grouped bootstrap resample, "
                      "members standardised on the training responses; mean / WCO (min) / UWO (mean − 1.0·std) "

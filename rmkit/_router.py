@@ -12,7 +12,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from ._backbones import EMBEDDED_BACKBONE
-from ._data import _conversations, _require_rows, as_frame, infer_kind
+from ._data import _conversations, _require_rows, as_frame, check_labels, infer_kind
 from ._featurizer import BackboneFeaturizer, split_feature_blocks
 
 __all__ = ["TaskRouter"]
@@ -128,6 +128,7 @@ class TaskRouter(BaseEstimator):
         if missing.any():
             raise ValueError(f"The task column {self.task_column!r} has a missing value at row "
                              f"{int(np.argmax(missing))}.")
+        check_labels(tasks, self.task_column)  # e.g. 1 and "1" mixed: two tasks that print alike
         return tasks
 
     # -- parameters: a dict of per-task estimators is reachable as estimators__<task>__<param> --

@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PUBLIC_MODULES = ["rmkit", "rmkit.metrics", "rmkit.datasets", "rmkit.plotting", "rmkit.testing", "rmkit.layout",
-                  "rmkit.model_selection"]
+                  "rmkit.model_selection", "rmkit.distributed", "rmkit.ensemble", "rmkit.evaluation"]
 
 def _installed(module):
     try:

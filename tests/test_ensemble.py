@@ -8,7 +8,8 @@ from sklearn.pipeline import Pipeline
 import rmkit
 from rmkit import BackboneFeaturizer, RewardEnsemble
 from rmkit.datasets import make_preference_pairs
-from rmkit.ensemble import BradleyTerryProbe, prompt_groups
+from rmkit.ensemble import BradleyTerryProbe
+from rmkit.model_selection import prompt_groups
 from rmkit.ensemble._ensemble import combine_rewards
 
 
@@ -132,9 +133,10 @@ def test_bootstrap_resamples_whole_prompts():
 
 def test_pairs_contract_and_errors():
     ens = RewardEnsemble([("a", LengthRM(1.0)), ("b", LengthRM(3.0))]).fit(PAIRS)
-    s = ens.decision_function(PAIRS)
-    assert s.shape == (4, 2)
-    np.testing.assert_allclose(ens.predict_proba(PAIRS), 1 / (1 + np.exp(-(s[:, 0] - s[:, 1]))))
+    assert ens.reward_pairs(PAIRS).shape == (4, 2)
+    s = ens.reward_pairs(PAIRS)
+    np.testing.assert_allclose(ens.decision_function(PAIRS), s[:, 0] - s[:, 1])
+    np.testing.assert_allclose(ens.predict_proba(PAIRS)[:, 1], 1 / (1 + np.exp(-(s[:, 0] - s[:, 1]))))
     swapped = PAIRS.rename(columns={"chosen": "rejected", "rejected": "chosen"})
     assert ens.score(PAIRS) == 1.0 and ens.score(swapped) == 0.0
     with pytest.raises(ValueError, match="needs preference pairs"):
@@ -166,7 +168,7 @@ def backbone_pairs():
 
 def _member(tiny, cache):
     return Pipeline([("featurizer", BackboneFeaturizer(tiny, cache=cache, verbose=0)),
-                     ("probe", BradleyTerryProbe(C=0.1))])
+                     ("probe", BradleyTerryProbe(alphas=[10.0], cv=2))])
 
 
 def test_members_share_one_featurizer_pass(tiny, feature_cache, backbone_pairs):
@@ -224,13 +226,20 @@ def test_explicit_members_round_trip_through_rmkit_save(tmp_path):
 
 
 def test_probe_learns_the_preferred_direction():
+    from rmkit.layout import make_frame
+
     rng = np.random.RandomState(0)
     c, r, p = rng.normal(size=(3, 300, 5))
     c[:, 2] += 1.5
-    probe = BradleyTerryProbe(random_state=0).fit(np.hstack([c, r, p]))
+    pairs = make_frame({("chosen", "h", range(5)): c, ("rejected", "h", range(5)): r, ("prompt", "h", range(5)): p,
+                        ("prompt", "m", ("group",)): np.arange(300) // 3})
+    probe = BradleyTerryProbe(random_state=0).fit(pairs)
     assert np.argmax(probe.coef_) == 2
-    assert np.mean(probe.predict(np.hstack([c, r, p])) > 0.5) > 0.8
-    with pytest.raises(ValueError, match="multiple of 3"):
-        probe.fit(np.hstack([c, p]))
-    with pytest.raises(ValueError, match="expected 10"):
+    assert probe.score(pairs) > 0.8
+    rows = make_frame({("response", "h", range(5)): c, ("prompt", "h", range(5)): p})
+    np.testing.assert_allclose(probe.decision_function(pairs), probe.predict(rows) - probe.predict(
+        make_frame({("response", "h", range(5)): r, ("prompt", "h", range(5)): p})), atol=1e-9)
+    with pytest.raises(ValueError, match="needs preference pairs"):
+        probe.fit(rows)
+    with pytest.raises(TypeError, match="feature frame"):
         probe.predict(c)

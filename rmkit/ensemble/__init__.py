@@ -4,11 +4,11 @@
 one template by seeds, prompt-grouped bootstrap resamples or parameter
 variations) and combines their standardised rewards by the mean, the minimum
 (worst-case optimisation) or ``mean - lam * std`` (uncertainty-weighted
-optimisation). :class:`BradleyTerryProbe` is a linear Bradley-Terry head on
-:class:`~rmkit.BackboneFeaturizer` features, a cheap member.
+optimisation). :class:`BradleyTerryProbe` is a linear Bradley–Terry reward
+head on :class:`~rmkit.BackboneFeaturizer` features, a cheap member.
 """
 
-from ._ensemble import COMBINERS, RewardEnsemble, prompt_groups
+from ._ensemble import COMBINERS, RewardEnsemble
 from ._probe import BradleyTerryProbe
 
-__all__ = ["COMBINERS", "BradleyTerryProbe", "RewardEnsemble", "prompt_groups"]
+__all__ = ["COMBINERS", "BradleyTerryProbe", "RewardEnsemble"]

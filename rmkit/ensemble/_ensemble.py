@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import numbers
 
 import numpy as np
@@ -13,9 +11,11 @@ from sklearn.utils import check_random_state
 from sklearn.utils.metaestimators import _BaseComposition
 from sklearn.utils.validation import check_is_fitted
 
+from .._base import TextRewardModelMixin
 from .._data import _conversations, as_frame, infer_kind, read_pairs, read_pointwise
+from ..model_selection import prompt_groups
 
-__all__ = ["COMBINERS", "RewardEnsemble", "combine_rewards", "prompt_groups"]
+__all__ = ["COMBINERS", "RewardEnsemble", "combine_rewards"]
 
 COMBINERS = ("mean", "min", "uwo")
 _ALIASES = {"wco": "min", "worst_case": "min", "mean_minus_std": "uwo"}
@@ -54,26 +54,6 @@ def combine_rewards(Z, combine="mean", lam=1.0):
     raise ValueError(f"combine must be one of {COMBINERS} (or the aliases {sorted(_ALIASES)}), got {combine!r}.")
 
 
-def _normalise_conversation(conv):
-    return json.dumps([[m["role"], " ".join(m["content"].split()).lower()] for m in conv])
-
-
-def prompt_groups(X):
-    """One group key per row: a hash of the normalised prompt (or ``messages``) conversation.
-
-    Whitespace runs collapse to one space and case is ignored, so the same
-    prompt written twice falls in one group.
-
-    Examples
-    --------
-    >>> g = prompt_groups({"prompt": ["Hi  there", "hi there", "Bye"], "response": ["a", "b", "c"]})
-    >>> g[0] == g[1], g[0] == g[2]
-    (True, False)
-    """
-    convs = _conversations(as_frame(X))
-    return np.asarray([hashlib.sha256(_normalise_conversation(c).encode()).hexdigest()[:16] for c in convs])
-
-
 def _grouped_bootstrap(groups, rng):
     """Row indices of a bootstrap resample of the groups (whole groups drawn with replacement)."""
     uniq, inverse = np.unique(groups, return_inverse=True)
@@ -97,7 +77,7 @@ def _random_state_params(est):
     return sorted(k for k in est.get_params(deep=True) if k == "random_state" or k.endswith("__random_state"))
 
 
-class RewardEnsemble(_BaseComposition, BaseEstimator):
+class RewardEnsemble(TextRewardModelMixin, _BaseComposition, BaseEstimator):
     """K reward models, one combined reward: mean, worst case (WCO) or ``mean - lam * std`` (UWO).
 
     A scikit-learn meta-estimator over reward models: any rmkit recipe, or a
@@ -115,7 +95,7 @@ class RewardEnsemble(_BaseComposition, BaseEstimator):
 
     ``bootstrap=True`` fits every member on its own bootstrap resample of the
     training pairs, grouped by prompt: prompts (hashes of the normalised
-    prompt or ``messages``, see :func:`prompt_groups`) are drawn with
+    prompt or ``messages``, see :func:`rmkit.model_selection.prompt_groups`) are drawn with
     replacement and carry all their pairs, so pairs sharing a prompt never
     straddle in- and out-of-sample.
 
@@ -168,11 +148,12 @@ class RewardEnsemble(_BaseComposition, BaseEstimator):
 
     Notes
     -----
-    ``predict`` on pointwise rows returns the combined reward; on preference
-    pairs it returns P(chosen ≻ rejected) = sigmoid of the combined reward
-    margin (as rmkit's other reward models do), and so does
-    ``predict_proba``. ``score`` is pairwise accuracy (ties count as wrong).
-    Rows are scored independently: results do not depend on batch size.
+    The reward-model contract of rmkit (:mod:`rmkit._base`): ``predict`` on
+    pointwise rows returns the combined reward; on preference pairs
+    ``predict_proba`` gives P(chosen ≻ rejected) = sigmoid of the combined
+    reward margin, ``decision_function`` the margin and ``score`` pairwise
+    accuracy (ties count as wrong). Rows are scored independently: results do
+    not depend on batch size.
 
     Examples
     --------
@@ -318,31 +299,14 @@ class RewardEnsemble(_BaseComposition, BaseEstimator):
         R = np.column_stack([self._member_rewards(e, n, df) for n, e in zip(self.member_names_, self.estimators_)])
         return (R - self.reward_mean_) / self.reward_scale_ if standardized else R
 
-    def decision_function(self, X):
+    def _scores(self, X):
         """Combined rewards: ``(n,)`` for pointwise rows, ``(n, 2)`` ``[chosen, rejected]`` for pairs."""
         df = as_frame(X).reset_index(drop=True)
         if infer_kind(df) == "pairs":
             read_pairs(df, allow_identical=True)
-            return np.column_stack([self.decision_function(side) for side in _pair_sides(df)])
-        return combine_rewards(self.member_rewards(df), self.combine, self.lam)
+            return "pairs", np.column_stack([self._scores(side)[1] for side in _pair_sides(df)])
+        return "pointwise", combine_rewards(self.member_rewards(df), self.combine, self.lam)
 
-    def predict(self, X):
-        """Pointwise rows → combined reward per row; pairs → P(chosen ≻ rejected)."""
-        s = self.decision_function(X)
-        if s.ndim == 1:
-            return s
-        return 1.0 / (1.0 + np.exp(-(s[:, 0] - s[:, 1])))
-
-    def predict_proba(self, X):
-        """P(chosen ≻ rejected) for each preference pair."""
-        if infer_kind(as_frame(X)) != "pairs":
-            raise ValueError("predict_proba needs preference pairs ('prompt', 'chosen', 'rejected'); "
-                             "use predict for the reward of pointwise rows.")
-        return self.predict(X)
-
-    def score(self, X, y=None, sample_weight=None):
-        """Pairwise accuracy: share of pairs with P(chosen ≻ rejected) > 0.5 (ties count as wrong)."""
-        return float(np.average(self.predict_proba(X) > 0.5, weights=sample_weight))
 
     def explain(self, X, *, standardized=True):
         """Each member's reward and the combined reward of pointwise rows, as a DataFrame.
@@ -357,8 +321,4 @@ class RewardEnsemble(_BaseComposition, BaseEstimator):
         out["combined"] = combine_rewards(Z, self.combine, self.lam)
         return out
 
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
-        tags.input_tags.string = True
-        return tags
+

@@ -1,100 +1,73 @@
-"""A linear Bradley-Terry reward head on frozen features (a cheap ensemble member)."""
+"""A linear Bradley–Terry reward head on a feature frame: the simplest reward model."""
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.base import BaseEstimator, RegressorMixin
-from sklearn.linear_model import LogisticRegression
-from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_array, check_is_fitted
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
+
+from .._base import RewardModelMixin
+from .._multiobjective import MultiObjectiveRegressor
+from ..layout import read_layout
 
 __all__ = ["BradleyTerryProbe"]
 
 
-class BradleyTerryProbe(RegressorMixin, BaseEstimator):
-    """Linear reward ``r(x) = w · standardise(response features)`` fitted by Bradley-Terry.
+class BradleyTerryProbe(RewardModelMixin, BaseEstimator):
+    """A linear reward ``r = w · h`` on the response features, fitted Bradley–Terry on pairs.
 
-    Put it after a :class:`~rmkit.BackboneFeaturizer` in a pipeline: ``fit``
-    reads the pair layout ``[chosen | rejected | prompt]`` and fits a logistic
-    regression without intercept on ``chosen - rejected`` (half of the pairs
-    side-swapped at random, so both classes occur); ``predict`` reads the
-    pointwise layout ``[response | prompt]`` and returns one reward per row,
-    or, given the pair layout, P(chosen ≻ rejected). The prompt block is not
-    used. Response features are standardised with the mean and standard
-    deviation of the training responses.
+    The final step of a reward-model pipeline after a
+    :class:`~rmkit.BackboneFeaturizer`: it is a
+    :class:`~rmkit.MultiObjectiveRegressor` with one pairwise objective
+    (penalty chosen by prompt-grouped cross-validation), exposed as a reward
+    model with rmkit's contract (a reward per response; margin, preference
+    and accuracy per pair). A cheap ensemble member and the "BT probe"
+    baseline of the benchmarks.
 
     Parameters
     ----------
-    C : float, default=1.0
-        Inverse L2 penalty of the logistic regression.
-    max_iter : int, default=1000
+    alphas : array-like, default=None
+        Penalty grid (``C = 1 / alpha``); ``None`` scans ``1e-4 .. 1e4``.
+    cv : int or splitter, default=5
+        Prompt-grouped folds for choosing the penalty.
     random_state : int, RandomState or None, default=None
-        Seeds which pairs are side-swapped.
 
     Attributes
     ----------
-    coef_ : ndarray of shape (block_width_,)
-        Weights on the standardised response features.
-    mean_, scale_ : ndarray of shape (block_width_,)
-    block_width_ : int
-        Width of one feature block (the backbone's hidden size).
-    n_features_in_ : int
-        Columns of the pair features seen in ``fit`` (``3 * block_width_``).
+    probe_ : MultiObjectiveRegressor
+    coef_ : ndarray of shape (n_features,)
+        Weights on the raw response features.
 
     Examples
     --------
-    >>> import numpy as np
-    >>> rng = np.random.RandomState(0)
-    >>> c, r, p = rng.normal(size=(3, 200, 4))
-    >>> c[:, 0] += 1.0                       # chosen responses score higher on feature 0
-    >>> probe = BradleyTerryProbe(random_state=0).fit(np.hstack([c, r, p]))
-    >>> int(np.argmax(probe.coef_))
-    0
-    >>> probe.predict(np.hstack([c[:3], p[:3]])).shape
-    (3,)
+    >>> from sklearn.pipeline import make_pipeline
+    >>> from rmkit import BackboneFeaturizer
+    >>> from rmkit.datasets import make_preference_pairs
+    >>> from rmkit.ensemble import BradleyTerryProbe
+    >>> from rmkit.testing import tiny_backbone
+    >>> pairs = make_preference_pairs(30, random_state=0)
+    >>> rm = make_pipeline(BackboneFeaturizer(tiny_backbone(), cache=False, verbose=0),
+    ...                    BradleyTerryProbe(random_state=0)).fit(pairs)
+    >>> rm.predict(pairs[["prompt", "chosen"]].rename(columns={"chosen": "response"})).shape
+    (30,)
     """
 
-    def __init__(self, C=1.0, *, max_iter=1000, random_state=None):
-        self.C = C
-        self.max_iter = max_iter
+    def __init__(self, alphas=None, *, cv=5, random_state=None):
+        self.alphas = alphas
+        self.cv = cv
         self.random_state = random_state
 
-    def fit(self, X, y=None):
-        """Fit on pair features ``[chosen | rejected | prompt]``; ``y`` is ignored."""
-        X = check_array(X, dtype=np.float64)
-        if X.shape[1] % 3:
-            raise ValueError(f"BradleyTerryProbe.fit needs pair features [chosen | rejected | prompt] (a multiple of "
-                             f"3 columns); got {X.shape[1]} columns. Featurize preference pairs, not pointwise rows.")
-        d = X.shape[1] // 3
-        c, r = X[:, :d], X[:, d:2 * d]
-        both = np.vstack([c, r])
-        self.mean_ = both.mean(0)
-        scale = both.std(0)
-        self.scale_ = np.where(scale > 0, scale, 1.0)
-        diff = (c - r) / self.scale_
-        sign = np.where(check_random_state(self.random_state).rand(len(diff)) < 0.5, -1.0, 1.0)
-        sign[0] = 1.0  # both classes present whenever there are two or more pairs
-        if len(diff) > 1:
-            sign[1] = -1.0
-        lr = LogisticRegression(C=self.C, fit_intercept=False, max_iter=self.max_iter)
-        lr.fit(diff * sign[:, None], (sign > 0).astype(int))
-        self.coef_ = lr.coef_.ravel()
-        self.block_width_ = d
-        self.n_features_in_ = X.shape[1]
+    def fit(self, X, y=None, *, sample_weight=None, groups=None):
+        """Fit on a feature frame of preference pairs (``y``: 1/0 which side is preferred, optional)."""
+        read_layout(X, step="BradleyTerryProbe", need=[("side", "h")], kind="pairs")
+        self.probe_ = MultiObjectiveRegressor(self.alphas, cv=self.cv, random_state=self.random_state).fit(
+            X, y, sample_weight=sample_weight, groups=groups)
+        self.coef_ = self.probe_.coef_[0]
         return self
 
-    def _reward(self, block):
-        return ((block - self.mean_) / self.scale_) @ self.coef_
-
-    def predict(self, X):
-        """Pointwise features → reward per row; pair features → P(chosen ≻ rejected)."""
-        check_is_fitted(self, "coef_")
-        X = check_array(X, dtype=np.float64)
-        d = self.block_width_
-        if X.shape[1] == 2 * d:
-            return self._reward(X[:, :d])
-        if X.shape[1] == 3 * d:
-            margin = self._reward(X[:, :d]) - self._reward(X[:, d:2 * d])
-            return 1.0 / (1.0 + np.exp(-margin))
-        raise ValueError(f"X has {X.shape[1]} columns; expected {2 * d} ([response | prompt]) or {3 * d} "
-                         "([chosen | rejected | prompt]) for this probe.")
+    def _scores(self, X):
+        check_is_fitted(self, "probe_")
+        R = self.probe_.transform(X)
+        lay = read_layout(R, step="BradleyTerryProbe")
+        s = np.column_stack([lay.block(R, side, "r", np.float64)[:, 0] for side in lay.sides])
+        return lay.kind, (s[:, 0] if lay.kind == "pointwise" else s)

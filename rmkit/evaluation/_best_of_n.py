@@ -97,7 +97,7 @@ def best_of_n(scores_or_scorer, data, *, gold="gold", group=None, n_values=(1, 2
     group : str or None, default=None
         Column identifying the prompt; ``None`` uses ``prompt_id`` when
         present, else a hash of the normalised ``prompt``/``messages``
-        (:func:`rmkit.ensemble.prompt_groups`).
+        (:func:`rmkit.model_selection.prompt_groups`).
     n_values : sequence of int, default=(1, 2, 4, 8, 16)
     n_draws : int, default=200
         Random draws of N candidates per prompt and N.
@@ -154,7 +154,7 @@ def best_of_n(scores_or_scorer, data, *, gold="gold", group=None, n_values=(1, 2
         if "prompt_id" in cand.columns:
             keys = cand["prompt_id"].to_numpy()
         else:
-            from ..ensemble import prompt_groups
+            from ..model_selection import prompt_groups
 
             keys = prompt_groups(cand)
     else:
