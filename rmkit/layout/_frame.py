@@ -219,7 +219,9 @@ def make_frame(blocks, index=None):
         if values.shape[1] != len(names):
             raise ValueError(f"{block}:{kind} has {values.shape[1]} columns for {len(names)} names.")
         parts.append(pd.DataFrame(values, columns=[column(block, kind, n) for n in names], index=index, copy=False))
-    out = pd.concat(parts, axis=1, copy=False) if len(parts) > 1 else parts[0]
+    # one consolidated block per dtype: the frame then pickles (and hashes, e.g. for Pipeline(memory=...))
+    # the same before and after a round trip through a cache
+    out = pd.concat(parts, axis=1).copy() if len(parts) > 1 else parts[0]
     if out.columns.duplicated().any():
         dup = out.columns[out.columns.duplicated()][:3].tolist()
         raise ValueError(f"Duplicate feature columns {dup}: two steps emit the same objective or block.")
