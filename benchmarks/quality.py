@@ -37,11 +37,24 @@ from sklearn.frozen import FrozenEstimator
 from rmkit import (ArmoRM, BackboneFeaturizer, GatedScalarizer, MultiObjectiveRegressor, ObjectiveUnion,
                    VerbosityDecorrelator)
 from rmkit._armorm import response_token_lengths
+from rmkit._backbones import resolve_dtype
 from rmkit.layout import read_layout, select_side
 from rmkit.datasets import load_eval, load_pairwise, load_ratings
 from rmkit.metrics import rewardbench_scores
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model():
+    """The CPU's model name and whether it runs bfloat16 natively (printed in every table)."""
+    from rmkit._backbones import cpu_has_native_bf16
+
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, native bf16: {'yes' if cpu_has_native_bf16() else 'no'}"
 
 # Backbone layer of the features (chosen once by the lead on training data; see the report).
 DEFAULT_LAYER = 10
@@ -251,7 +264,7 @@ def load_data(config, eval_path, layer, seed=0):
     if cfg["n_eval"] and cfg["n_eval"] < len(ev):
         ev = ev.sample(n=cfg["n_eval"], random_state=seed).reset_index(drop=True)
     train = train.assign(objective=train.apply(pair_objective, axis=1)).reset_index(drop=True)
-    feat = BackboneFeaturizer(layer=layer, max_length=512, dtype="bfloat16", batch_size=16, verbose=1).fit()
+    feat = BackboneFeaturizer(layer=layer, max_length=512, dtype="auto", batch_size=16, verbose=1).fit()
     return BenchData(feat, train, ratings.reset_index(drop=True), ev, cv=cfg["cv"], seed=seed)
 
 
@@ -272,7 +285,8 @@ def markdown(results, meta):
     notes = [
         f"# Reward-model quality ({meta['config']} config)",
         "",
-        f"Backbone `{meta['backbone']}`, layer {meta['layer']}, bfloat16 features, max_length 512. "
+        f"Backbone `{meta['backbone']}`, layer {meta['layer']}, {meta.get('dtype', 'bfloat16')} features "
+        f"(`dtype=\"auto\"` on {meta.get('cpu', 'this CPU')}), max_length 512. "
         f"Training: {meta['n_train_pairs']} pairs of `pairwise_train.jsonl.gz` (seeded sample), "
         f"{meta['n_ratings']} rated rows of `multiobjective_sparse.jsonl.gz`. "
         f"Evaluation: {meta['n_eval']} non-Extra pairs of `{meta['eval']}`.",
@@ -355,6 +369,8 @@ def main(argv=None):
     meta = dict(config=args.config, eval=str(args.eval), layer=data.featurizer.layer_, backbone=data.featurizer.backbone,
                 n_train_pairs=len(data.train), n_ratings=len(data.ratings), n_eval=len(data.eval),
                 seconds=time.time() - t0, machine=f"{platform.machine()}, {torch.get_num_threads()} torch thread(s)",
+                dtype=str(resolve_dtype(data.featurizer.dtype, data.featurizer.device)).removeprefix("torch."),
+                cpu=cpu_model(),
                 armorm=dict(gating=ARMORM_GATING, decorrelation=ARMORM_DECORRELATION))
     if "armorm_model" in data.cache:
         m = data.cache["armorm_model"]

@@ -15,6 +15,7 @@ backbone, dtype and device uses one copy of the weights.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -222,9 +223,31 @@ def resolve_device(device):
     return str(device)
 
 
-def resolve_dtype(dtype):
-    if dtype in (None, "auto"):
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16():
+    """Whether this CPU computes bfloat16 natively (AMX or AVX512-BF16); read from /proc/cpuinfo on Linux.
+
+    Without it, torch emulates bfloat16 on the CPU, several times slower than float32.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+
+
+def resolve_dtype(dtype, device=None):
+    """The torch dtype for ``dtype``; ``"auto"`` is bfloat16 where the device runs it natively
+    (a CUDA GPU with bf16 support, a CPU with AMX or AVX512-BF16), else float32."""
+    if dtype is None:
         return torch.float32
+    if dtype == "auto":
+        device = resolve_device(device)
+        if device.startswith("cuda"):
+            native = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        else:
+            native = device == "cpu" and cpu_has_native_bf16()
+        return torch.bfloat16 if native else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
@@ -276,7 +299,7 @@ def load_backbone(name, *, dtype="float32", device="auto"):
     """Return the shared, frozen, eval-mode base model (without the LM head)."""
     from transformers import AutoModel
 
-    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
     key = ("model", str(name), str(dtype), device)
     path = resolve_backbone(name)
     with _LOCK:

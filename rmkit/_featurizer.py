@@ -144,6 +144,10 @@ class BackboneFeaturizer(TransformerMixin, BaseEstimator):
     device : str, default="auto"
         ``"auto"`` uses CUDA when available.
     dtype : str, default="float32"
+        ``"float32"``, ``"bfloat16"``, ``"float16"``, or ``"auto"``: bfloat16
+        where the device runs it natively (a CUDA GPU with bf16 support, a
+        CPU with AMX or AVX512-BF16), float32 elsewhere (emulated bfloat16
+        on a CPU without them is several times slower than float32).
     verbose : int, default=1
         ``0`` silences the progress bar and truncation warnings. The bar
         appears only when the backbone has work to do (texts not in the
@@ -234,7 +238,7 @@ class BackboneFeaturizer(TransformerMixin, BaseEstimator):
 
     def _namespace(self):
         return "|".join(map(str, ("rmkit-features-v1", self.backbone_fingerprint_, self.layer_, self.pooling,
-                                  resolve_dtype(self.dtype))))
+                                  resolve_dtype(self.dtype, self.device))))
 
     def _feature_cache(self):
         if self.cache is False or self.cache is None:

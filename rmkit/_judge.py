@@ -254,7 +254,7 @@ class TransformersChatBackend:
         import torch
         from transformers import AutoModelForCausalLM
 
-        device, dtype = resolve_device(self.device), resolve_dtype(self.dtype)
+        device, dtype = resolve_device(self.device), resolve_dtype(self.dtype, self.device)
         key = (str(self.model), str(dtype), device)
         with _CAUSAL_LOCK:
             if key not in _CAUSAL_LMS:

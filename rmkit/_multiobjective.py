@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, RegressorMixin, TransformerMixin, clone
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegressionCV, RidgeCV
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeCV
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import _check_sample_weight, check_array, check_is_fitted, validate_data
@@ -312,8 +312,13 @@ class MultiObjectiveRegressor(TransformerMixin, RegressorMixin, BaseEstimator):
             # weakly penalised fits of (nearly) separable pairs never converge: cap the iterations,
             # cross-validation rejects those penalties anyway
             warnings.simplefilter("ignore", category=ConvergenceWarning)
-            lr = LogisticRegressionCV(Cs=1.0 / alphas, fit_intercept=False, cv=splits, scoring="neg_log_loss",
-                                      max_iter=300).fit(D, target, sample_weight=w)
+            if splits:
+                lr = LogisticRegressionCV(Cs=1.0 / alphas, fit_intercept=False, cv=splits, scoring="neg_log_loss",
+                                          max_iter=300).fit(D, target, sample_weight=w)
+            else:  # too few prompts for a fold with both sides: the middle of the grid, without a search
+                lr = LogisticRegression(C=1.0 / alphas[len(alphas) // 2], fit_intercept=False, max_iter=300)
+                lr.fit(D, target, sample_weight=w)
+                lr.C_ = np.asarray([lr.C])
         wv = lr.coef_.reshape(-1)
         s = np.concatenate([Cs @ wv, Rs @ wv])
         m, sc = float(s.mean()), float(s.std())

@@ -54,3 +54,16 @@ def test_fingerprint_tracks_weights(tmp_path):
 def test_unknown_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         resolve_backbone(str(tmp_path))
+
+
+def test_auto_dtype_is_bfloat16_only_where_it_runs_natively(monkeypatch):
+    import torch
+
+    import rmkit._backbones as backbones
+
+    monkeypatch.setattr(backbones, "cpu_has_native_bf16", lambda: False)
+    assert backbones.resolve_dtype("auto", "cpu") is torch.float32  # emulated bf16 is slower than fp32
+    monkeypatch.setattr(backbones, "cpu_has_native_bf16", lambda: True)
+    assert backbones.resolve_dtype("auto", "cpu") is torch.bfloat16
+    assert backbones.resolve_dtype("float32", "cpu") is torch.float32
+    assert backbones.resolve_dtype("bfloat16") is torch.bfloat16

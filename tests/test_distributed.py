@@ -195,7 +195,10 @@ def ray_cluster():
     def timeout(*_):
         raise TimeoutError("a Ray test ran past its 300 s bound")
 
+    import builtins
+
     previous = signal.signal(signal.SIGALRM, timeout)
+    real_print = builtins.print  # ray.init wraps print; pickles made later (skorch's PrintLog) need the real one
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         assert ray.util.get_node_ip_address() == "127.0.0.1", "Ray was imported before the loopback setting"
@@ -203,6 +206,7 @@ def ray_cluster():
     finally:
         signal.alarm(0)
         ray.shutdown()
+        builtins.print = real_print
         signal.signal(signal.SIGALRM, previous)
 
 
@@ -252,27 +256,29 @@ def test_ray_worker_killed_then_job_crash_then_rerun(bounded, featurizer, tmp_pa
 @pytest.mark.slow
 def test_gridsearch_on_ray_backend_matches_local(bounded, featurizer, tmp_path):
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.model_selection import GridSearchCV, GroupKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     from rmkit import split_feature_blocks
     from rmkit.distributed import ray_backend
+    from rmkit.model_selection import prompt_groups
 
     # Features computed once (in shards), then a search over an array-level model: no worker touches the backbone.
     pairs = make_preference_pairs(60, random_state=1)[["prompt", "chosen", "rejected"]]
     X = featurize(pairs, featurizer, tmp_path, backend="local", verbose=0).load()
-    blocks = split_feature_blocks(X, X.shape[1] // 3, "pairs")
+    blocks = split_feature_blocks(X)
+    groups = np.tile(prompt_groups(pairs), 2)  # both sides of a pair, and every pair of a prompt, in one fold
     Xr = np.vstack([np.hstack([blocks["chosen"], blocks["prompt"]]), np.hstack([blocks["rejected"], blocks["prompt"]])])
     y = np.r_[np.ones(len(pairs)), np.zeros(len(pairs))]
     grid = {"logisticregression__C": [1e-3, 1e-1, 10.0]}
     search = GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression(max_iter=300)), grid,
-                          cv=StratifiedKFold(3, shuffle=True, random_state=0))
-    local = search.fit(Xr, y)
+                          cv=GroupKFold(3))
+    local = search.fit(Xr, y, groups=groups)
     local_best, local_scores = local.best_params_, local.cv_results_["mean_test_score"]
     assert len(set(np.round(local_scores, 6))) > 1  # the grid matters, so agreeing on the best is informative
     with ray_backend():  # joins the running cluster and leaves it up
-        remote = search.set_params(n_jobs=2).fit(Xr, y)
+        remote = search.set_params(n_jobs=2).fit(Xr, y, groups=groups)
     assert bounded.is_initialized()
     assert remote.best_params_ == local_best
     np.testing.assert_allclose(remote.cv_results_["mean_test_score"], local_scores)

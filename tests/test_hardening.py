@@ -80,7 +80,8 @@ def test_featurizer_path_gives_different_features(tiny):
     fz = rmkit.BackboneFeaturizer(tiny, cache=False, verbose=0).fit()
     inj = fz.transform([{"prompt": ONE_TURN[0]["content"], "response": INJECTED}])
     real = fz.transform([{"messages": MULTI_TURN, "response": "Yes"}])
-    assert np.abs(inj - real).max() > 1e-3
+    hidden = [c for c in inj.columns if ":h:" in c]  # the features, not the (different) prompt-group ids
+    assert np.abs(inj[hidden].to_numpy() - real[hidden].to_numpy()).max() > 1e-3
 
 
 def test_lora_expert_encoding_path(tiny):
