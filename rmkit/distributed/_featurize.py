@@ -62,7 +62,7 @@ class FeatureShards:
     >>> feats = BackboneFeaturizer(tiny_backbone(), cache=False, verbose=0)
     >>> out = featurize(rows, feats, tempfile.mkdtemp(), backend="local", verbose=0)
     >>> out.n_rows, out.stats["rows"], out.load().shape
-    (2, 2, (2, 128))
+    (2, 2, (2, 130))
     """
 
     def __init__(self, output_dir, n_rows, n_shards, computed_shards, skipped_shards, stats):

@@ -203,7 +203,7 @@ def load_features(output_dir, *, with_names=None):
     >>> feats = BackboneFeaturizer(tiny_backbone(), cache=False, verbose=0)
     >>> out = featurize(rows, feats, tempfile.mkdtemp(), backend="local", verbose=0)
     >>> load_features(out.output_dir).shape
-    (3, 128)
+    (3, 130)
     """
     import pandas as pd
     import pyarrow.parquet as pq
