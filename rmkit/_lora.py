@@ -324,7 +324,8 @@ class _LoRABase(BaseEstimator):
         resolve_dtype(self.dtype)
 
     def _backbone_model(self):
-        return load_backbone(self.backbone, dtype=self.dtype, device=self.device)
+        device = getattr(self, "_fallback_device", None) or self.device  # the parameter itself is never changed
+        return load_backbone(self.backbone, dtype=self.dtype, device=device)
 
     def _resolve_architecture(self):
         """Set the fitted attributes that describe where LoRA goes."""
@@ -444,10 +445,11 @@ class _LoRABase(BaseEstimator):
                              "on (fingerprint mismatch): the saved adapters do not apply to them.")
         from peft import set_peft_model_state_dict
 
+        self._fallback_device = None
         if str(resolve_device(self.device)).startswith("cuda") and not torch.cuda.is_available():
             warnings.warn(f"This model was saved with device={self.device!r} but CUDA is not available here; "
-                          "loading it on the CPU (device='cpu').", stacklevel=3)
-            self.device = "cpu"
+                          "running it on the CPU (the device parameter is kept).", stacklevel=3)
+            self._fallback_device = "cpu"
         names = list(saved["adapters"])
         module = self._new_module(names)
         for name in names:
