@@ -76,23 +76,30 @@ def _place_features(out, items, values, n_rows, d):
     out[items[~first] - n_rows, d : 2 * d] = values[~first, :d]
 
 
-class _LazyBar:
-    """A tqdm bar that appears on the first update that computes something (cache hits alone stay quiet)."""
+class _TokenBar:
+    """Progress in tokens through the backbone, prompt passes included, so the bar moves from the start.
 
-    def __init__(self, total, enabled):
-        self.total, self.enabled, self.bar, self.pending = total, enabled, None, 0
+    The bar appears with the first computed batch (a transform served from the cache stays quiet); its
+    total grows slice by slice as the work of each slice becomes known.
+    """
 
-    def update(self, n=1, computed=True):
+    def __init__(self, enabled):
+        self.enabled, self.bar, self.total = enabled, None, 0
+
+    def add_work(self, tokens):
+        self.total += int(tokens)
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.refresh()
+
+    def update(self, tokens):
         if not self.enabled:
-            return
-        if self.bar is None and not computed:
-            self.pending += n
             return
         if self.bar is None:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.total, initial=self.pending, desc="featurize", unit="text")
-        self.bar.update(n)
+            self.bar = tqdm(total=self.total, desc="featurize", unit="tok", unit_scale=True)
+        self.bar.update(int(tokens))
 
     def close(self):
         if self.bar is not None:
@@ -268,7 +275,7 @@ class BackboneFeaturizer(TransformerMixin, BaseEstimator):
         stats, counts = ForwardStats(), dict(hits=0, truncated=0)
         store, namespace = self._feature_cache(), self._namespace()
         step = max(1, _SLICE // len(sides))  # a row's responses stay in one slice: they share its prompt
-        bar = _LazyBar(total=n_rows * len(sides), enabled=bool(self.verbose))
+        bar = _TokenBar(enabled=bool(self.verbose))
         try:
             for start in range(0, n_rows, step):
                 rows = range(start, min(start + step, n_rows))
@@ -321,7 +328,6 @@ class BackboneFeaturizer(TransformerMixin, BaseEstimator):
             place(list(found), np.stack(list(found.values())))
             hits = sum(len(where[k]) for k in found)
             counts["hits"] += hits
-            bar.update(hits, computed=False)
         todo = [k for k in where if k not in found]
         if not todo:
             return
@@ -332,6 +338,7 @@ class BackboneFeaturizer(TransformerMixin, BaseEstimator):
             prefixes = list(index)
         else:
             prefixes, owners = [e.prefix for e in part], list(range(len(part)))
+        bar.add_work(sum(len(p) for p in prefixes) + sum(len(e.suffix) for e in part))
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         resp, prompt = run_prefix_suffix(self._model(), prefixes, [e.suffix for e in part], owners,
                                          layer=self.layer_, pooling=self.pooling, batch_size=self.batch_size,
@@ -340,7 +347,6 @@ class BackboneFeaturizer(TransformerMixin, BaseEstimator):
         if store is not None:
             store.put_many(zip(todo, values))
         place(todo, values)
-        bar.update(sum(len(where[k]) - 1 for k in todo), computed=False)  # duplicates of computed texts
 
     def get_feature_names_out(self, input_features=None):
         """Names of the output columns for the layout of ``input_kind_``."""

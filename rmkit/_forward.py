@@ -154,6 +154,8 @@ def run_prefix_suffix(model, prefixes, suffixes, owners, *, layer=-1, pooling="l
         bounded by it and by the batch, never by the dataset.
     pooling : {"last", "mean"}
         Hidden state at the last suffix token, or mean over suffix tokens.
+    progress : object with ``update(n)``, optional
+        Told the number of real tokens of every pass, prompt passes included.
 
     Returns
     -------
@@ -191,6 +193,8 @@ def run_prefix_suffix(model, prefixes, suffixes, owners, *, layer=-1, pooling="l
             stats.real_tokens += sum(lens)
             stats.padded_tokens += width * len(groups) - sum(lens)
             stats.forward_passes += 1
+            if progress is not None:
+                progress.update(sum(lens))
             tensors = _cache_tensors(cache, n_kv_layers)
             for r, g in enumerate(groups):
                 prompt_out[g] = h[r, lens[r] - 1].float().cpu().numpy()
@@ -230,6 +234,6 @@ def run_prefix_suffix(model, prefixes, suffixes, owners, *, layer=-1, pooling="l
                 vec = h[r, s - 1] if pooling == "last" else h[r, :s].mean(0)
                 resp_out[j] = vec.cpu().numpy()
             if progress is not None:
-                progress.update(len(js))
+                progress.update(sum(slen))
         del kv
     return resp_out, prompt_out

@@ -288,3 +288,33 @@ def test_unpickled_featurizer_refuses_a_changed_backbone(tmp_path):
     shutil.copy(f"{tiny_backbone(seed=1)}/model.safetensors", folder / "model.safetensors")
     with pytest.raises(ValueError, match="different weights"):
         pickle.loads(blob).transform([{"prompt": "a", "response": "b"}])
+
+
+def test_progress_counts_tokens_from_the_first_prompt_pass_and_stays_quiet_on_cache_hits(tiny, feature_cache,
+                                                                                       monkeypatch):
+    import rmkit._featurizer as featurizer_module
+
+    bars = []
+
+    class Recorder(featurizer_module._TokenBar):
+        def __init__(self, enabled):
+            super().__init__(enabled)
+            self.updates = []
+            bars.append(self)
+
+        def update(self, tokens):
+            self.updates.append((int(tokens), self.total))
+            super().update(tokens)
+
+    monkeypatch.setattr(featurizer_module, "_TokenBar", Recorder)
+    pairs = _pairs(6)
+    f = BackboneFeaturizer(tiny, cache=feature_cache, verbose=1, batch_size=2, share_prompts=True).fit(pairs)
+    f.transform(pairs)
+    first = bars[-1]
+    # the first update is a prompt pass (before any response), and the work was known before it started
+    assert first.updates and first.updates[0][1] == first.total > 0
+    assert sum(n for n, _ in first.updates) == first.total == f.last_stats_["real_tokens"]
+    n_prompt_batches = len(first.updates) - int(np.ceil(12 / 2))
+    assert n_prompt_batches >= 1
+    f.transform(pairs)  # everything from the cache: no work, no bar
+    assert bars[-1].updates == [] and bars[-1].bar is None
