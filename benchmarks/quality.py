@@ -378,7 +378,7 @@ def main(argv=None):
                                      spearman_before=m.decorrelator_.spearman_before_.tolist(),
                                      spearman_after=m.decorrelator_.spearman_after_.tolist(),
                                      beta=float(m.gating_.module_.beta.detach()),
-                                     epochs=len(m.gating_.history))
+                                     epochs=len(m.gating_.history_))
     meta.update({k: data.cache[k] for k in ("dmoerm", "single_lora") if k in data.cache})
     stem = Path(args.out) if args.out else RESULTS / ("quality" if args.config == "full" else f"quality_{args.config}")
     stem.parent.mkdir(parents=True, exist_ok=True)
