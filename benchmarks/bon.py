@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYER = 10

@@ -229,9 +229,6 @@ class ArmoRM(TextRewardModelMixin, BaseEstimator):
                                pairwise__sample_weight=sample_weight)
         objectives = ObjectiveUnion(members)
         R = objectives.fit_transform(F, y, **pair_params)
-        names = read_layout(R, step="ArmoRM").names(read_layout(R, step="ArmoRM").sides[0], "r")
-        if len(names) < 2 and self.verbosity != "length":
-            raise ValueError(f"ArmoRM needs at least two objectives to gate between; got {names}.")
 
         decorrelator = clone(self.decorrelator) if self.decorrelator is not None else VerbosityDecorrelator()
         decorrelator.set_params(verbosity=self.verbosity)

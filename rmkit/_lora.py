@@ -37,7 +37,6 @@ from ._backbones import (
 )
 from ._data import read_pairs, read_pointwise, read_texts
 from ._forward import _decoder_layers, _forward
-from ._backbones import resolve_device
 from ._base import RewardModelMixin
 from ._skorch import BradleyTerryLoss, seeded_torch, torch_seed
 from .layout import make_frame, sides_of

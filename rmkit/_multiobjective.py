@@ -353,13 +353,15 @@ class MultiObjectiveRegressor(TransformerMixin, RegressorMixin, BaseEstimator):
             except _NothingToFit:
                 full = self.transform(Xt)
                 out = full[[c for c in full.columns if ":r:" not in c]]
-            if self.feature_layout_:
-                # an objective too small for this fold: its rows keep the full fit's (in-sample) rewards
+            lacking = [n for n in self.objective_names_ if not any(c.endswith(f":r:{n}") for c in out.columns)] \
+                if self.feature_layout_ else []
+            if lacking:  # objectives too small for this fold: its rows keep the full fit's (in-sample) rewards
                 full = self.transform(Xt)
-                missing = [c for c in full.columns if c not in out.columns]
-                for name in {c.split(":", 2)[2] for c in missing}:
+                out = pd.concat([out, full[[c for c in full.columns if c not in out.columns]]], axis=1)[full.columns]
+                for name in lacking:
                     filled[name] = filled.get(name, 0) + len(test)
-                out = pd.concat([out, full[missing]], axis=1)[full.columns]
+            elif self.feature_layout_:
+                out = out[self._output_columns(out)]
             parts.append(out)
             order.append(test)
         if filled:
@@ -372,6 +374,12 @@ class MultiObjectiveRegressor(TransformerMixin, RegressorMixin, BaseEstimator):
         if self.feature_layout_:
             return pd.concat(parts).iloc[inverse]
         return np.concatenate(parts)[inverse]
+
+    def _output_columns(self, out):
+        """``out``'s columns in the order of the full fit: objectives per side, then the pass-through."""
+        sides = read_layout(out, step=_STEP).sides
+        return [f"{side}:r:{name}" for side in sides for name in self.objective_names_] + \
+            [c for c in out.columns if ":r:" not in c]
 
     # -- inference -----------------------------------------------------------------------------
     def _rewards(self, H, original_units):

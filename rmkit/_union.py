@@ -9,7 +9,7 @@ from sklearn.pipeline import FeatureUnion
 from sklearn.utils import Bunch
 from sklearn.utils.metadata_routing import _routing_enabled
 
-from .layout import make_frame, read_layout
+from .layout import read_layout
 
 __all__ = ["ObjectiveUnion"]
 
@@ -105,7 +105,7 @@ class ObjectiveUnion(FeatureUnion):
         objectives, passthrough, owner = {}, {}, {}
         index = None
         for X, (name, _) in zip(Xs, self.transformer_list):
-            lay = read_layout(X, step=f"ObjectiveUnion member {name!r}", need=[("side", "r")])
+            read_layout(X, step=f"ObjectiveUnion member {name!r}", need=[("side", "r")])
             index = X.index if index is None else index
             for col in X.columns:
                 values = X[col]
@@ -120,13 +120,11 @@ class ObjectiveUnion(FeatureUnion):
                                          f"in {col!r} (different featurizers?); give the block to one member only.")
                 else:
                     passthrough[col], owner[col] = values.to_numpy(), name
-            del lay
         import pandas as pd
 
         sides = sorted({c.split(":", 1)[0] for c in objectives}, key=("chosen", "rejected", "response").index)
         order = [c for side in sides for c in objectives if c.startswith(side + ":")]
-        frame = pd.DataFrame({**{c: objectives[c] for c in order}, **passthrough}, index=index)
-        return make_frame({"all": frame}, index=index)
+        return pd.DataFrame({**{c: objectives[c] for c in order}, **passthrough}, index=index)
 
     def get_feature_names_out(self, input_features=None):
         """Not defined: the output is a feature frame whose columns carry the names."""

@@ -145,10 +145,14 @@ def rewardbench_scores(eval_df, chosen_scores, rejected_scores):
 
 
 def pairwise_scorer(estimator, X, y=None):
-    """Scorer for ``GridSearchCV`` / ``cross_val_score`` on preference pairs.
+    """Scorer for ``GridSearchCV`` / ``cross_val_score`` on preference pairs: pairwise accuracy.
 
-    ``estimator.predict(X)`` on pairs returns P(chosen ≻ rejected); the score
-    is the share of pairs above 0.5 (ties count as wrong). ``y`` is ignored.
+    rmkit's models score pairs with their own ``score`` (the default of a
+    search), which this equals for them: it reads P(chosen ≻ rejected) from
+    ``predict_proba`` where the estimator has one, else from ``predict`` (for
+    estimators whose ``predict`` on pairs returns that probability). The
+    score is the share of pairs above 0.5 (ties count as wrong); ``y`` is
+    ignored.
 
     Examples
     --------
@@ -159,7 +163,8 @@ def pairwise_scorer(estimator, X, y=None):
     >>> pairwise_scorer(Fixed(), None)
     0.3333333333333333
     """
-    p = np.asarray(estimator.predict(X), dtype=float).reshape(-1)
+    proba = getattr(estimator, "predict_proba", None)
+    p = np.asarray(proba(X)[:, 1] if proba is not None else estimator.predict(X), dtype=float).reshape(-1)
     if np.isnan(p).any() or (p < 0).any() or (p > 1).any():
         raise ValueError("pairwise_scorer expects predict() on pairs to return P(chosen > rejected) in [0, 1].")
     return float(np.mean(p > 0.5))

@@ -8,7 +8,6 @@ read back. Bounded: a handful of short-lived processes on the tiny backbone (abo
 in all on two shared cores).
 """
 
-import json
 import os
 import random
 import signal

@@ -162,7 +162,6 @@ def test_embedded_tokenizer_injection():
 # --------------------------------------------------------------------- 2. loading has no side effects
 
 from pathlib import Path  # noqa: E402
-import os  # noqa: E402
 import shutil  # noqa: E402
 import warnings  # noqa: E402
 

@@ -132,7 +132,6 @@ def test_cross_fit_gives_out_of_fold_rewards_grouped_by_prompt():
     assert not np.allclose(oof["chosen:r:preference"], full["chosen:r:preference"])
     # every row is scored by a probe fitted without its prompt: reproduce fold by fold
     from rmkit.model_selection import PromptGroupKFold, prompt_groups
-    from sklearn.model_selection import GroupKFold  # noqa: F401  (documented equivalence)
 
     groups = prompt_groups(P)
     seen = np.zeros(len(P), dtype=int)

@@ -12,7 +12,7 @@ from sklearn.utils.metaestimators import _BaseComposition
 from sklearn.utils.validation import check_is_fitted
 
 from .._base import TextRewardModelMixin
-from .._data import _conversations, as_frame, infer_kind, read_pairs, read_pointwise
+from .._data import as_frame, infer_kind, read_pairs, read_pointwise
 from ..model_selection import prompt_groups
 
 __all__ = ["COMBINERS", "RewardEnsemble", "combine_rewards"]

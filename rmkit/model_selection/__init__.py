@@ -8,13 +8,13 @@ drop into ``GridSearchCV(cv=...)`` and ``cross_val_score(cv=...)`` as they are.
 """
 
 from ._groups import normalise_text, prompt_groups
-from ._pairs import pair_target, shuffle_pair_sides
+from ._pairs import pair_target, shuffle_pair_sides  # noqa: F401  (pair_target: for rmkit's steps)
 from ._split import (
     PromptGroupKFold,
     PromptGroupShuffleSplit,
-    check_prompt_cv,
+    check_prompt_cv,  # noqa: F401  (for rmkit's steps, not in __all__)
     prompt_train_test_split,
-    resolve_groups,
+    resolve_groups,  # noqa: F401
 )
 from ._validation import PromptGroupValidSplit
 
