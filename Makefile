@@ -4,7 +4,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip --disable-pip-version-check -q
 
-.PHONY: install quickstart test docs bench
+.PHONY: install quickstart test fast docs bench
 
 install:
 	@# CPU torch from the local wheel first, so nothing pulls a multi-GB CUDA build.
@@ -18,6 +18,9 @@ quickstart: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+fast:
+	$(PYTHON) -m pytest -q -m "not slow"
 
 docs: install
 	$(PYTHON) -m mkdocs build --strict

@@ -46,8 +46,7 @@ BOUNDS = dict(n_prompts=40, n_pairs=80, train_max_chars=2000, n_ratings=40, rati
 GOLD = "gold_turbo"
 N_VALUES = (1, 2, 4, 8, 16)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import (ARMORM_DECORRELATION, ARMORM_GATING, LORA, RATING_COLUMNS, dmoerm_frame,  # noqa: E402
-                     pair_objective)
+from quality import ARMORM_DECORRELATION, ARMORM_GATING, LORA, RATING_COLUMNS, dmoerm_frame, pair_objective  # noqa: E402
 
 
 def _norm(text):
@@ -137,7 +136,7 @@ class Context:
 
 
 def longer_wins(ctx):
-    from rmkit._armorm import response_token_lengths
+    from rmkit.objectives._armorm import response_token_lengths
 
     return {"length": response_token_lengths(list(ctx.candidates["response"]), ctx.featurizer.backbone)}
 

@@ -51,9 +51,8 @@ def _backbone_pass(args, queue):
     """One plain backbone pass over the scored texts, batched like the estimators."""
     import torch
 
-    from rmkit._backbones import load_backbone, load_tokenizer
-    from rmkit._lora import _pad
-    from rmkit._templating import encode_conversation
+    from rmkit.backbones import encode_conversation, load_backbone, load_tokenizer
+    from rmkit.lora._net import pad
 
     _, rows = _data(args.pairs, args.score)
     model = load_backbone(args.backbone, device=args.device)
@@ -66,7 +65,7 @@ def _backbone_pass(args, queue):
     start = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(order), args.batch_size):
-            ids, mask = _pad([seqs[j] for j in order[i : i + args.batch_size]])
+            ids, mask = pad([seqs[j] for j in order[i : i + args.batch_size]])
             pos = torch.arange(ids.shape[1]).expand_as(ids)
             model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                   use_cache=False)
@@ -81,7 +80,7 @@ def _estimator_run(args, queue, config):
     import torch
 
     from rmkit import CapabilityExperts, LoRAExpertRegressor
-    from rmkit._backbones import load_backbone
+    from rmkit.backbones import load_backbone
 
     torch.manual_seed(0)
     pairs, rows = _data(args.pairs, args.score)

@@ -34,8 +34,7 @@ from pathlib import Path
 import torch
 
 from rmkit import BackboneFeaturizer, datasets
-from rmkit._backbones import load_backbone, load_tokenizer
-from rmkit._templating import encode_conversation
+from rmkit.backbones import encode_conversation, load_backbone, load_tokenizer
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -39,8 +39,7 @@ def load():
 
 def tokenize_rate(args, pairs, repeats=5):
     """Texts per CPU-second of the chat template + tokenizer alone, in this process."""
-    from rmkit._backbones import load_tokenizer
-    from rmkit._templating import encode_conversation
+    from rmkit.backbones import encode_conversation, load_tokenizer
 
     tokenizer = load_tokenizer(args.backbone)
     items = [([{"role": "user", "content": p}], r) for p, c, rj in pairs.itertuples(index=False) for r in (c, rj)]

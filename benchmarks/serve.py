@@ -84,7 +84,7 @@ def fit_model(n_pairs, seed, max_length):
 
 def load_requests(n_prompts, group, response_chars, seed, system=None):
     """``n_prompts`` prompts with ``group`` responses each, in prompt order."""
-    from rmkit._backbones import load_tokenizer
+    from rmkit.backbones import load_tokenizer
 
     tok = load_tokenizer("smollm2-135m-instruct")
     df = pd.read_json(data_file("bon_alpacaeval.jsonl.gz"), lines=True)
@@ -162,7 +162,7 @@ def main():
     model, n_pairs, fit_s = fit_model(args.train_pairs, args.seed, args.max_length)
     system = GRPO_SYSTEM if args.scenario == "grpo-system" else None
     items = load_requests(args.prompts, args.group, args.response_chars, args.seed, system)
-    tok = __import__("rmkit._backbones", fromlist=["load_tokenizer"]).load_tokenizer("smollm2-135m-instruct")
+    tok = __import__("rmkit.backbones._loading", fromlist=["load_tokenizer"]).load_tokenizer("smollm2-135m-instruct")
     lengths = [len(tok(it["query"], add_special_tokens=False)["input_ids"]) for it in items]
     print(f"fitted ArmoRM on {n_pairs} pairs in {fit_s:.0f}s; {len(items)} responses to score", flush=True)
     # warm-up: load the backbone and run each code path once

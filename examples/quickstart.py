@@ -68,9 +68,12 @@ def main(argv=None):
         for cat, part in held_out.groupby("category"):
             print(f"  {cat:>10}: {np.mean(p[part.index] > 0.5):.3f} on {len(part)} pairs")
 
+    entropy = model.gating_entropy(held_out).mean()
+    print(f"mean gate entropy: {entropy:.3g} nats (0: one objective per prompt; "
+          f"{np.log(len(model.gating_.objective_names_)):.3g}: an even mix)")
     print("\nwhy the model scores two held-out responses as it does:")
     sample = held_out[["prompt", "chosen"]].rename(columns={"chosen": "response"}).head(2)
-    print(model.explain(sample).to_string(index=False, max_colwidth=40))
+    print(model.explain(sample).to_string(index=False, max_colwidth=40, float_format=lambda v: f"{v:.3g}"))
 
     with tempfile.TemporaryDirectory() as tmp:
         rmkit.save(model, f"{tmp}/armorm")

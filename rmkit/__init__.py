@@ -12,33 +12,33 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-# public name -> private module that defines it
+# public name -> the subpackage that exports it
 _EXPORTS = {
-    "EMBEDDED_BACKBONE": "_backbones",
-    "cache_dir": "_backbones",
-    "resolve_backbone": "_backbones",
-    "BackboneFeaturizer": "_featurizer",
-    "split_feature_blocks": "_featurizer",
-    "CapabilityExperts": "_experts",
-    "LoRAExpertRegressor": "_lora",
-    "ArmoRM": "_armorm",
-    "VerbosityDecorrelator": "_decorrelation",
-    "GatedScalarizer": "_gating",
-    "MultiObjectiveRegressor": "_multiobjective",
-    "ObjectiveUnion": "_union",
-    "PersistenceError": "_persistence",
-    "load": "_persistence",
-    "register_safe_class": "_persistence",
-    "save": "_persistence",
-    "write_model_card": "_model_card",
-    "CapabilityLabeler": "_judge",
-    "JudgeAuthenticationError": "_judge",
-    "OpenAIChatBackend": "_judge",
-    "TransformersChatBackend": "_judge",
-    "TaskRouter": "_router",
-    "CapabilityAggregator": "_dmoerm",
-    "CapabilityMoE": "_dmoerm",
-    "DMoERM": "_dmoerm",
+    "EMBEDDED_BACKBONE": "backbones",
+    "cache_dir": "backbones",
+    "resolve_backbone": "backbones",
+    "BackboneFeaturizer": "backbones",
+    "split_feature_blocks": "backbones",
+    "CapabilityExperts": "lora",
+    "LoRAExpertRegressor": "lora",
+    "ArmoRM": "objectives",
+    "VerbosityDecorrelator": "objectives",
+    "GatedScalarizer": "objectives",
+    "MultiObjectiveRegressor": "objectives",
+    "ObjectiveUnion": "objectives",
+    "PersistenceError": "persistence",
+    "load": "persistence",
+    "register_safe_class": "persistence",
+    "save": "persistence",
+    "write_model_card": "persistence",
+    "CapabilityLabeler": "judge",
+    "JudgeAuthenticationError": "judge",
+    "OpenAIChatBackend": "judge",
+    "TransformersChatBackend": "judge",
+    "TaskRouter": "moe",
+    "CapabilityAggregator": "moe",
+    "CapabilityMoE": "moe",
+    "DMoERM": "moe",
     "RewardEnsemble": "ensemble",
 }
 
@@ -59,18 +59,33 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports (re-exports)
-    from ._armorm import ArmoRM  # noqa: F401
-    from ._backbones import EMBEDDED_BACKBONE, cache_dir, resolve_backbone  # noqa: F401
-    from ._decorrelation import VerbosityDecorrelator  # noqa: F401
-    from ._dmoerm import CapabilityAggregator, CapabilityMoE, DMoERM  # noqa: F401
+    from .backbones import (  # noqa: F401
+        EMBEDDED_BACKBONE,
+        BackboneFeaturizer,
+        cache_dir,
+        resolve_backbone,
+        split_feature_blocks,
+    )
     from .ensemble import RewardEnsemble  # noqa: F401
-    from ._experts import CapabilityExperts  # noqa: F401
-    from ._featurizer import BackboneFeaturizer, split_feature_blocks  # noqa: F401
-    from ._gating import GatedScalarizer  # noqa: F401
-    from ._judge import CapabilityLabeler, JudgeAuthenticationError, OpenAIChatBackend, TransformersChatBackend  # noqa: F401
-    from ._lora import LoRAExpertRegressor  # noqa: F401
-    from ._multiobjective import MultiObjectiveRegressor  # noqa: F401
-    from ._union import ObjectiveUnion  # noqa: F401
-    from ._model_card import write_model_card  # noqa: F401
-    from ._persistence import PersistenceError, load, register_safe_class, save  # noqa: F401
-    from ._router import TaskRouter  # noqa: F401
+    from .judge import (  # noqa: F401
+        CapabilityLabeler,
+        JudgeAuthenticationError,
+        OpenAIChatBackend,
+        TransformersChatBackend,
+    )
+    from .lora import CapabilityExperts, LoRAExpertRegressor  # noqa: F401
+    from .moe import CapabilityAggregator, CapabilityMoE, DMoERM, TaskRouter  # noqa: F401
+    from .objectives import (  # noqa: F401
+        ArmoRM,
+        GatedScalarizer,
+        MultiObjectiveRegressor,
+        ObjectiveUnion,
+        VerbosityDecorrelator,
+    )
+    from .persistence import (  # noqa: F401
+        PersistenceError,
+        load,
+        register_safe_class,
+        save,
+        write_model_card,
+    )

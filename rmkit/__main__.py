@@ -105,7 +105,7 @@ def _serve(args):
     missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
     if missing:
         raise CLIError(f"rmkit serve needs {', '.join(missing)}: pip install 'rmkit[serve]'")
-    from .serving._app import serve
+    from rmkit.serving._app import serve
 
     path = Path(args.model).expanduser()
     if path.suffix.lower() in _PICKLE_SUFFIXES and not args.trust_pickle:
@@ -140,7 +140,7 @@ def _serve(args):
 
 
 def _version():
-    from . import __version__
+    from rmkit import __version__
 
     return __version__
 
@@ -174,7 +174,7 @@ def load_model(path, *, device=None, trust_pickle=False):
         raise CLIError(f"No model at {path}: pass a directory written by rmkit.save or a .joblib file.")
     if not path.is_dir():
         raise CLIError(f"{path} is neither a directory written by rmkit.save nor a .joblib/.pkl file.")
-    from ._persistence import load
+    from rmkit.persistence._api import load
 
     return load(path, device=device)
 
@@ -210,7 +210,7 @@ def score_frame(model, df, *, batch_size=64, progress=True):
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from ._data import read_texts
+    from rmkit.utils._validation import read_texts
 
     if batch_size < 1:
         raise CLIError(f"--batch-size must be at least 1, got {batch_size}.")
@@ -258,7 +258,7 @@ def _write(df, path):
 def _score(args):
     import pandas as pd
 
-    from .datasets import load_table
+    from rmkit.datasets import load_table
 
     out_suffix = Path(args.output).suffix.lower()
     if out_suffix not in _OUTPUT_SUFFIXES:  # fail before the slow part
@@ -292,7 +292,7 @@ def _info(args):
     import importlib.util
 
     if getattr(args, "model", None):
-        from ._model_card import read_model_card
+        from rmkit.persistence._model_card import read_model_card
 
         print(read_model_card(args.model))
         return 0
@@ -300,8 +300,8 @@ def _info(args):
 
     import torch
 
-    from ._backbones import EMBEDDED_BACKBONE, cache_dir, resolve_device
-    from .datasets import data_dir
+    from rmkit.backbones._loading import EMBEDDED_BACKBONE, cache_dir, resolve_device
+    from rmkit.datasets import data_dir
 
     embedded = cache_dir() / "backbones" / EMBEDDED_BACKBONE
     rows = [

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._data import frame
+from rmkit.utils._validation import frame
 
 __all__ = [
     "data_dir",

@@ -41,20 +41,34 @@ def _scores(a, name):
     return a
 
 
-def pairwise_accuracy(chosen_scores, rejected_scores):
-    """Share of pairs where the chosen response scores strictly higher.
+def pairwise_accuracy(chosen_scores, rejected_scores, *, y=None, sample_weight=None):
+    """Share of pairs where the preferred response scores strictly higher (ties count as wrong).
+
+    Parameters
+    ----------
+    chosen_scores, rejected_scores : array-like of shape (n,)
+        Rewards of the ``chosen`` and ``rejected`` columns.
+    y : array-like of 0/1, optional
+        1 where ``chosen`` holds the preferred response, 0 where ``rejected``
+        does (all 1 when omitted; see :func:`rmkit.model_selection.shuffle_pair_sides`).
+    sample_weight : array-like of shape (n,), optional
 
     Examples
     --------
     >>> pairwise_accuracy([2.0, 1.0, 0.5], [1.0, 1.0, 0.7])  # the tie counts as wrong
     0.3333333333333333
+    >>> pairwise_accuracy([2.0, 1.0, 0.5], [1.0, 1.0, 0.7], y=[1, 1, 0])
+    0.6666666666666666
     """
+    from rmkit.model_selection import pair_target
+
     c, r = _scores(chosen_scores, "chosen_scores"), _scores(rejected_scores, "rejected_scores")
     if c.shape != r.shape:
         raise ValueError(f"chosen_scores and rejected_scores differ in length: {c.size} vs {r.size}.")
     if c.size == 0:
         raise ValueError("No pairs to score.")
-    return float(np.mean(c > r))
+    right = np.where(pair_target(y, c.size) == 1, c > r, r > c)
+    return float(np.average(right, weights=sample_weight))
 
 
 def _correct(eval_df, chosen_scores, rejected_scores):

@@ -93,7 +93,7 @@ def tiny_backbone(seed=0, *, chat_template=True, root=None):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from ._backbones import cache_dir
+    from rmkit.backbones._loading import cache_dir
 
     spec = json.dumps([_VERSION, TINY_CONFIG, seed, chat_template], sort_keys=True)
     tag = hashlib.sha256(spec.encode()).hexdigest()[:12]

@@ -7,7 +7,13 @@ from sklearn.exceptions import NotFittedError
 from sklearn.frozen import FrozenEstimator
 from sklearn.model_selection import GridSearchCV, KFold, cross_val_score
 
-from rmkit import ArmoRM, BackboneFeaturizer, GatedScalarizer, MultiObjectiveRegressor, VerbosityDecorrelator
+from rmkit import (
+    ArmoRM,
+    BackboneFeaturizer,
+    GatedScalarizer,
+    MultiObjectiveRegressor,
+    VerbosityDecorrelator,
+)
 from rmkit.datasets import make_preference_pairs
 from rmkit.model_selection import PromptGroupKFold
 
@@ -51,6 +57,7 @@ def model(featurizer, pairs):
                   random_state=0).fit(pairs)
 
 
+@pytest.mark.slow
 def test_end_to_end_contract_on_pairs_and_pointwise(model, pairs):
     assert list(model.objective_names_) == ["math", "safety", "relevance", "verbosity"]
     assert list(model.pipeline_.named_steps) == ["featurizer", "objectives", "decorrelator", "gate"]
@@ -98,6 +105,7 @@ def test_decorrelation_applies_to_the_length_objective(model, pairs):
     assert np.all(np.asarray(tokens) - lengths == (np.asarray(tokens) - lengths)[0])
 
 
+@pytest.mark.slow
 def test_ratings_path_prefit_stage1_and_pairwise_together(featurizer, pairs, ratings):
     kwargs = dict(gating=GatedScalarizer(**GATE), decorrelator=VerbosityDecorrelator(drop_verbosity=True),
                   random_state=0)
@@ -119,6 +127,7 @@ def test_ratings_path_prefit_stage1_and_pairwise_together(featurizer, pairs, rat
                                            "relevance", "verbosity"]
 
 
+@pytest.mark.slow
 def test_cross_fitting_is_grouped_by_prompt_and_accepts_any_grouped_splitter(featurizer, pairs, monkeypatch):
     from rmkit.model_selection import _split, prompt_groups
 
@@ -158,6 +167,7 @@ def test_model_selection_and_persistence(featurizer, pairs, ratings, tmp_path):
     np.testing.assert_array_equal(joblib.load(path).decision_function(pairs), fitted.decision_function(pairs))
 
 
+@pytest.mark.slow
 def test_batch_size_invariance_and_seeds(featurizer, pairs, model):
     p = model.decision_function(pairs)
     other = clone(model).set_params(featurizer=clone(featurizer).set_params(batch_size=1, cache=False))

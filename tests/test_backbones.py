@@ -2,8 +2,8 @@ import importlib.util
 
 import pytest
 
-from rmkit import _backbones
-from rmkit._backbones import resolve_backbone, weights_fingerprint
+from rmkit.backbones import _loading as _backbones
+from rmkit.backbones._loading import resolve_backbone, weights_fingerprint
 from rmkit.testing import tiny_backbone
 
 
@@ -59,7 +59,7 @@ def test_unknown_folder_errors(tmp_path):
 def test_auto_dtype_is_bfloat16_only_where_it_runs_natively(monkeypatch):
     import torch
 
-    import rmkit._backbones as backbones
+    import rmkit.backbones._loading as backbones
 
     monkeypatch.setattr(backbones, "cpu_has_native_bf16", lambda: False)
     assert backbones.resolve_dtype("auto", "cpu") is torch.float32  # emulated bf16 is slower than fp32

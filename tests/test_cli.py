@@ -65,6 +65,7 @@ def test_help_and_version():
     assert exc.value.code == 0
 
 
+@pytest.mark.slow
 def test_import_and_help_do_not_load_torch():
     """The public names load on first use, so the CLI's help is instant."""
     code = ("import sys, rmkit, rmkit.__main__; assert 'torch' not in sys.modules, 'torch imported'; "
@@ -87,6 +88,7 @@ def test_info(capsys):
     assert str(rmkit.cache_dir()) in out and "device" in out
 
 
+@pytest.mark.slow
 def test_score_pointwise_end_to_end(tmp_path, tiny):
     """A saved featurizer + ridge pipeline, scored by a separate `python -m rmkit` process."""
     rows = pd.DataFrame({"prompt": ["hi", "2+2?", "2+2?", "bye"], "response": ["hello", "4", "5", "see you"],

@@ -12,8 +12,15 @@ from sklearn.model_selection import GridSearchCV, cross_val_score, cross_validat
 from sklearn.pipeline import Pipeline
 
 import rmkit
-from rmkit import (ArmoRM, BackboneFeaturizer, CapabilityExperts, GatedScalarizer, MultiObjectiveRegressor,
-                   ObjectiveUnion, VerbosityDecorrelator)
+from rmkit import (
+    ArmoRM,
+    BackboneFeaturizer,
+    CapabilityExperts,
+    GatedScalarizer,
+    MultiObjectiveRegressor,
+    ObjectiveUnion,
+    VerbosityDecorrelator,
+)
 from rmkit.datasets import make_preference_pairs
 from rmkit.layout import read_layout
 from rmkit.model_selection import PromptGroupKFold, prompt_groups, shuffle_pair_sides
@@ -46,6 +53,7 @@ def armorm_pipeline(featurizer, **gate):
     ])
 
 
+@pytest.mark.slow
 def test_readme_pipeline_fit_predict_save_load_joblib(featurizer, pairs, tmp_path):
     pipe = armorm_pipeline(featurizer).fit(pairs, probes__sources=pairs["category"])
     assert list(pipe.named_steps["gate"].objective_names_) == ["math", "safety", "relevance", "verbosity"]
@@ -59,6 +67,7 @@ def test_readme_pipeline_fit_predict_save_load_joblib(featurizer, pairs, tmp_pat
     np.testing.assert_allclose(joblib.load(tmp_path / "model.joblib").predict(_side(pairs, "chosen")), rc, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_stock_scorers_work_on_labelled_pairs(featurizer, pairs):
     X, y = shuffle_pair_sides(pairs, random_state=0)
     cv = PromptGroupKFold(2)
@@ -73,6 +82,7 @@ def test_stock_scorers_work_on_labelled_pairs(featurizer, pairs):
     assert np.all(out["test_neg_log_loss"] < 0)
 
 
+@pytest.mark.slow
 def test_voting_and_stacking_regressors_accept_rmkit_models(featurizer, pairs):
     a = armorm_pipeline(featurizer)
     b = ArmoRM(featurizer, pair_objective_column="category", gating=GatedScalarizer(**GATE), cv=None, random_state=0)
@@ -87,6 +97,7 @@ def test_voting_and_stacking_regressors_accept_rmkit_models(featurizer, pairs):
     np.testing.assert_allclose(stack.predict(rows), stack.final_estimator_.predict(inner), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_probes_and_lora_experts_under_one_prompt_conditioned_gate(tiny, featurizer, pairs, tmp_path):
     rated_rows = pd.concat([_side(pairs, "chosen").assign(quality=1.0), _side(pairs, "rejected").assign(quality=0.0)])
     feat = clone(featurizer).fit()
@@ -119,12 +130,13 @@ def test_probes_and_lora_experts_under_one_prompt_conditioned_gate(tiny, featuri
     np.testing.assert_allclose(joblib.load(tmp_path / "mixed.joblib").predict(rows), mixed.predict(rows), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_grouped_cv_and_every_internal_split_keep_prompts_apart(featurizer, pairs, monkeypatch):
     from rmkit.model_selection import _split, _validation
 
     seen = []
     kfold_split = _split.PromptGroupKFold.split
-    valid_indices = _validation.PromptGroupValidSplit.indices
+    valid_call = _validation.PromptGroupValidSplit.__call__
 
     def spy_kfold(self, X, y=None, groups=None):
         g = _split.resolve_groups(X, groups)
@@ -132,14 +144,14 @@ def test_grouped_cv_and_every_internal_split_keep_prompts_apart(featurizer, pair
             seen.append(("kfold", set(g[train]), set(g[test])))
             yield train, test
 
-    def spy_valid(self, n):
-        train, valid = valid_indices(self, n)
+    def spy_valid(self, dataset, y=None, groups=None):
+        train, valid = valid_call(self, dataset, y, groups)  # torch Subsets of the training rows
         g = np.asarray(self.groups)
-        seen.append(("validation", set(g[train]), set(g[valid])))
+        seen.append(("validation", set(g[train.indices]), set(g[valid.indices])))
         return train, valid
 
     monkeypatch.setattr(_split.PromptGroupKFold, "split", spy_kfold)
-    monkeypatch.setattr(_validation.PromptGroupValidSplit, "indices", spy_valid)
+    monkeypatch.setattr(_validation.PromptGroupValidSplit, "__call__", spy_valid)
     model = ArmoRM(featurizer, pair_objective_column="category", cv=2, random_state=0,
                    gating=GatedScalarizer(**{**GATE, "validation_fraction": 0.25, "patience": 2}))
     scores = cross_val_score(model, pairs, cv=PromptGroupKFold(3))
@@ -154,8 +166,9 @@ def test_grouped_cv_and_every_internal_split_keep_prompts_apart(featurizer, pair
     assert all(not (tr & te) for _, tr, te in seen) and grid.best_score_ > 0
 
 
+@pytest.mark.slow
 def test_grid_search_runs_the_backbone_once_per_text_and_reuses_stage1_fits(tiny, pairs, tmp_path, monkeypatch):
-    import rmkit._featurizer as featurizer_module
+    import rmkit.backbones._featurizer as featurizer_module
 
     computed = []
     run = featurizer_module.run_prefix_suffix
@@ -200,7 +213,7 @@ def test_wrong_layout_is_refused_by_name(featurizer, pairs):
 
 
 def test_featurizer_fit_reads_the_config_not_the_weights(tiny, monkeypatch):
-    import rmkit._featurizer as featurizer_module
+    import rmkit.backbones._featurizer as featurizer_module
 
     def refuse(*args, **kwargs):
         raise AssertionError("fit loaded the weights")

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from rmkit import datasets
-from rmkit._data import read_pairs, read_pointwise
+from rmkit.utils._validation import read_pairs, read_pointwise
 
 from .conftest import requires_data
 
@@ -59,6 +59,7 @@ def test_list_of_dicts_and_mixed_kinds():
         read_pointwise([{"prompt": "p", "chosen": "c", "rejected": "d"}])
 
 
+@pytest.mark.slow
 @requires_data
 def test_shared_data_readers():
     ev = datasets.load_eval()

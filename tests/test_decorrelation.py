@@ -5,7 +5,7 @@ from scipy.stats import spearmanr
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from rmkit import VerbosityDecorrelator
-from rmkit._decorrelation import DEFAULT_LAMBDAS
+from rmkit.objectives._decorrelation import DEFAULT_LAMBDAS
 
 
 @parametrize_with_checks([VerbosityDecorrelator(verbosity=-1), VerbosityDecorrelator(verbosity=-1, drop_verbosity=True)])

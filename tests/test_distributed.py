@@ -188,9 +188,9 @@ def ray_cluster():
     # Ray binds to the machine's address unless this is 0 (read when ray is imported): loopback only.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray = pytest.importorskip("ray")
-    import ray.cloudpickle
+    cloudpickle = pytest.importorskip("ray.cloudpickle")
 
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this test file
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this test file
 
     def timeout(*_):
         raise TimeoutError("a Ray test ran past its 300 s bound")

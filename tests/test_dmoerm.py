@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from rmkit._dmoerm import CapabilityAggregator
 from rmkit.layout import make_frame
+from rmkit.moe._aggregator import CapabilityAggregator
 
 
 def _pairs_frame(X):
@@ -88,9 +88,11 @@ def test_aggregator_bad_inputs():
 from sklearn.feature_extraction.text import TfidfVectorizer  # noqa: E402
 
 from rmkit import BackboneFeaturizer, CapabilityExperts, LoRAExpertRegressor  # noqa: E402
-from rmkit._dmoerm import CapabilityMoE, DMoERM, merge_task_adapter  # noqa: E402
-from rmkit._judge import CapabilityLabeler  # noqa: E402
 from rmkit.datasets import make_preference_pairs  # noqa: E402
+from rmkit.judge._labeler import CapabilityLabeler  # noqa: E402
+from rmkit.moe._capability_moe import CapabilityMoE  # noqa: E402
+from rmkit.moe._dmoerm import DMoERM  # noqa: E402
+from rmkit.moe._task_adapter import merge_task_adapter  # noqa: E402
 
 
 def _labelled(n=30, seed=0):
@@ -252,3 +254,43 @@ def test_dmoerm_bad_inputs(tiny):
 
     with pytest.raises(NotFittedError):
         DMoERM(["brevity"], **kw).predict(X)
+
+
+# ---------------------------------------------------------------- issue 16: the reference code's initialisation
+
+
+def test_expert_value_heads_start_from_the_phase1_head(tiny):
+    X = _labelled(20)
+    pointwise = X[["prompt", "chosen"]].rename(columns={"chosen": "response"})
+    # lr ~ 0: the experts stay where they started, so their rewards are the task model's
+    moe = CapabilityMoE(["brevity", "correctness"], experts=_experts(tiny, layers=2, lr=1e-12), task_finetune=True,
+                        aggregator=CapabilityAggregator(**FAST_AGG), random_state=0).fit(X)
+    head = moe.task_model_.value_head()
+    assert head["weight"].shape == (64,) and np.abs(head["weight"]).sum() > 0
+    task_rewards = moe.task_model_.predict(pointwise)
+    for k in range(2):
+        np.testing.assert_allclose(moe.experts_.predict(pointwise)[:, k], task_rewards, atol=1e-3)
+    # without phase 1 the heads are random, one per expert: the experts disagree
+    plain = CapabilityMoE(["brevity", "correctness"], experts=_experts(tiny, layers=2, lr=1e-12),
+                          aggregator=CapabilityAggregator(**FAST_AGG), random_state=0).fit(X)
+    r = plain.experts_.predict(pointwise)
+    assert np.abs(r[:, 0] - r[:, 1]).max() > 1e-2
+    with pytest.raises(ValueError, match="hidden size"):
+        _experts(tiny).fit(X[["prompt", "chosen", "rejected"]], X[["brevity"]], init_head={"weight": [1.0], "bias": 0})
+
+
+def test_task_descriptions_reach_the_judge(tiny):
+    X = _labelled(12).drop(columns=["brevity", "correctness"])
+    asked = []
+
+    def judge(messages):
+        asked.append(messages[-1]["content"])
+        return "A"
+
+    labeler = CapabilityLabeler({"clarity": "is clear"}, backend=judge, cache=False, verbose=0)
+    moe = CapabilityMoE({"clarity": "explains each step of the arithmetic"}, experts=_experts(tiny),
+                        labeler=labeler, aggregator=CapabilityAggregator(**FAST_AGG), drop_unlabelled=True,
+                        random_state=0)
+    with pytest.raises(ValueError):  # the judge answers "A" in both orders: no consistent label
+        moe.fit(X)
+    assert asked and all("explains each step of the arithmetic" in q and "is clear" not in q for q in asked)

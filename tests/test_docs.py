@@ -51,6 +51,7 @@ def test_docs_have_runnable_examples():
     assert len(pages) >= 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", _pages_with_examples())
 def test_docs_examples_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -107,6 +108,7 @@ def test_public_classes_and_functions_have_examples():
     assert KNOWN_WITHOUT_EXAMPLE - missing == set(), "these have examples now: remove them from the list"
 
 
+@pytest.mark.slow
 @needs_mkdocs
 def test_mkdocs_build_strict(tmp_path):
     site = tmp_path / "site"

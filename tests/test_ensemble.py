@@ -9,8 +9,8 @@ import rmkit
 from rmkit import BackboneFeaturizer, RewardEnsemble
 from rmkit.datasets import make_preference_pairs
 from rmkit.ensemble import BradleyTerryProbe
-from rmkit.model_selection import prompt_groups
 from rmkit.ensemble._ensemble import combine_rewards
+from rmkit.model_selection import prompt_groups
 
 
 class LengthRM(BaseEstimator):

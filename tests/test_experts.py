@@ -8,7 +8,7 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
 from rmkit import CapabilityExperts, LoRAExpertRegressor
-from rmkit._backbones import load_backbone
+from rmkit.backbones._loading import load_backbone
 
 ANIMALS = ["cat", "dog"]
 

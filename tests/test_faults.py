@@ -62,7 +62,7 @@ def _committed(progress):
 
 _CACHE_WRITER = """
     import os, sys, numpy as np
-    from rmkit._feature_cache import FeatureCache, feature_key
+    from rmkit.backbones._feature_cache import FeatureCache, feature_key
     folder, progress, ready, start = ({args})
     cache = FeatureCache(folder)
     open(ready, "w").close()
@@ -75,7 +75,7 @@ _CACHE_WRITER = """
 
 
 def test_kill_during_feature_cache_writes(tmp_path):
-    from rmkit._feature_cache import FeatureCache, feature_key
+    from rmkit.backbones._feature_cache import FeatureCache, feature_key
 
     rng = random.Random(15)
     folder, progress = tmp_path / "cache", tmp_path / "progress"
@@ -108,9 +108,9 @@ def test_kill_during_feature_cache_writes(tmp_path):
 
 _JUDGE_WRITER = """
     import os, sys
-    from rmkit._judge import _JudgementCache
+    from rmkit.judge._labeler import judgement_store
     folder, progress, ready, start = ({args})
-    cache = _JudgementCache(folder)
+    cache = judgement_store(folder)
     open(ready, "w").close()
     for batch in range(int(start), 10**6):
         cache.put_many([(f"{{batch}}-{{i}}", f"reply {{batch}}-{{i}} " + "x" * 500) for i in range(200)])
@@ -120,7 +120,7 @@ _JUDGE_WRITER = """
 
 
 def test_kill_during_judge_cache_writes(tmp_path):
-    from rmkit._judge import _JudgementCache
+    from rmkit.judge._labeler import judgement_store
 
     rng = random.Random(16)
     folder, progress = tmp_path / "judge", tmp_path / "progress"
@@ -132,7 +132,7 @@ def test_kill_during_judge_cache_writes(tmp_path):
         done = _committed(progress)
         start = (max(done) + 1) if done else 0
     assert done
-    cache = _JudgementCache(folder)
+    cache = judgement_store(folder)
     keys = [f"{b}-{i}" for b in done for i in range(200)]
     found = cache.get_many(keys)
     assert found == {k: f"reply {k} " + "x" * 500 for k in keys}
@@ -208,7 +208,7 @@ def test_kill_between_the_two_renames_keeps_the_committed_save(tmp_path):
     ready = tmp_path / "ready"
     script = f"""
         import os, signal, numpy as np, rmkit
-        from rmkit import _persistence
+        from rmkit.persistence import _swap
         from sklearn.linear_model import Ridge
         real = os.rename
         def rename(src, dst):
@@ -216,7 +216,7 @@ def test_kill_between_the_two_renames_keeps_the_committed_save(tmp_path):
             if str(src) == {str(path)!r}:  # the previous save is aside, the new one not yet in place
                 open({str(ready)!r}, "w").close()
                 os.kill(os.getpid(), signal.SIGKILL)
-        _persistence.os.rename = rename
+        _swap.os.rename = rename
         X = np.arange(40.0).reshape(20, 2)
         rmkit.save(Ridge(alpha=2).fit(X, X @ [1.0, 2.0]), {str(path)!r})
     """
@@ -261,7 +261,7 @@ _CONVERTER = """
     import os, sys, time
     from pathlib import Path
     import transformers
-    from rmkit import _backbones
+    from rmkit.backbones import _loading as _backbones
     tiny, ready, slow = ({args})
     _backbones._embedded_gguf = lambda: Path(tiny) / "model.gguf"
     for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
@@ -292,7 +292,7 @@ def test_kill_during_backbone_conversion(tmp_path, monkeypatch):
     # the next run (here in-process, with the same stand-in for GGUF reading) converts and cleans up
     import transformers
 
-    from rmkit import _backbones
+    from rmkit.backbones import _loading as _backbones
 
     monkeypatch.setenv("RMKIT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(_backbones, "_embedded_gguf", lambda: Path(tiny) / "model.gguf")

@@ -8,7 +8,7 @@ from sklearn.base import clone
 from transformers import AutoModel, AutoTokenizer
 
 from rmkit import BackboneFeaturizer, split_feature_blocks
-from rmkit._backbones import load_tokenizer
+from rmkit.backbones._loading import load_tokenizer
 from rmkit.testing import tiny_backbone
 
 from .conftest import requires_embedded
@@ -62,6 +62,7 @@ def test_intermediate_layer_matches_hidden_states(tiny, layer):
     np.testing.assert_allclose(X[2, :D], _reference(tiny, pairs.prompt[2], pairs.chosen[2], layer), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_batch_invariance_across_batch_sizes_and_padding_side(tiny):
     pairs = _pairs(32)
     pw = _pointwise(pairs)
@@ -148,7 +149,7 @@ def test_partial_cache_hits_and_duplicates_land_in_the_right_rows(tiny, feature_
 
 @pytest.mark.parametrize("kind", ["pairs", "pointwise"])
 def test_slices_give_the_same_features_and_keep_prompt_sharing(tiny, monkeypatch, kind):
-    import rmkit._featurizer as featurizer_module
+    import rmkit.backbones._featurizer as featurizer_module
 
     X = _pairs(7) if kind == "pairs" else _pointwise(_pairs(7))
     f = BackboneFeaturizer(tiny, cache=False, verbose=0).fit(X)
@@ -160,7 +161,7 @@ def test_slices_give_the_same_features_and_keep_prompt_sharing(tiny, monkeypatch
 
 
 def test_truncation_keeps_closing_tokens_and_drops_prompt_first(tiny):
-    from rmkit._templating import encode_conversation
+    from rmkit.backbones._templating import encode_conversation
 
     tok = load_tokenizer(tiny)
     msgs = [{"role": "user", "content": "P" * 200}]
@@ -292,7 +293,7 @@ def test_unpickled_featurizer_refuses_a_changed_backbone(tmp_path):
 
 def test_progress_counts_tokens_from_the_first_prompt_pass_and_stays_quiet_on_cache_hits(tiny, feature_cache,
                                                                                        monkeypatch):
-    import rmkit._featurizer as featurizer_module
+    import rmkit.backbones._featurizer as featurizer_module
 
     bars = []
 

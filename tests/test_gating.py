@@ -110,19 +110,20 @@ def test_batch_invariance_seeds_and_global_rng_untouched(fitted):
     np.testing.assert_array_equal(clone(rs).fit(Xtr).decision_function(X), clone(rs).fit(Xtr).decision_function(X))
 
 
+@pytest.mark.slow
 def test_early_stopping_splits_by_prompt_and_hyperparameter_search(monkeypatch):
     X, _ = two_kinds(300, seed=5, per_prompt=3)
     from rmkit.model_selection import _validation
 
     seen = []
-    original = _validation.PromptGroupValidSplit.indices
+    original = _validation.PromptGroupValidSplit.__call__
 
-    def spy(self, n):
-        train, valid = original(self, n)
-        seen.append((np.asarray(self.groups)[train], np.asarray(self.groups)[valid]))
+    def spy(self, dataset, y=None, groups=None):
+        train, valid = original(self, dataset, y, groups)  # torch Subsets of the training rows
+        seen.append((np.asarray(self.groups)[train.indices], np.asarray(self.groups)[valid.indices]))
         return train, valid
 
-    monkeypatch.setattr(_validation.PromptGroupValidSplit, "indices", spy)
+    monkeypatch.setattr(_validation.PromptGroupValidSplit, "__call__", spy)
     net = GatedScalarizer(random_state=0, **{**FAST, "validation_fraction": 0.2, "patience": 2, "max_epochs": 300,
                                              "lr": 0.1}).fit(X)
     assert len(net.history_) < 300 and "valid_loss" in net.history_[-1]
@@ -177,3 +178,45 @@ def test_bad_inputs():
     net = GatedScalarizer(**{**FAST, "max_epochs": 1}).fit(X)
     with pytest.raises(ValueError, match="fitted on the objectives"):
         net.predict(X.rename(columns={"chosen:r:b": "chosen:r:c", "rejected:r:b": "rejected:r:c"}))
+
+
+# ---------------------------------------------------------------- issue 13: training under accelerate
+
+
+@pytest.mark.slow
+def test_training_under_accelerate_gives_a_plain_savable_net(tmp_path, monkeypatch):
+    accelerate = pytest.importorskip("accelerate")
+    from skorch import NeuralNet
+
+    import rmkit
+
+    backward_calls = []
+    real_backward = accelerate.Accelerator.backward
+    monkeypatch.setattr(accelerate.Accelerator, "backward",
+                        lambda self, loss, **kw: backward_calls.append(1) or real_backward(self, loss, **kw))
+
+    train, _ = two_kinds(300, seed=0)
+    test, kind = two_kinds(200, seed=1)
+    plain = GatedScalarizer(max_epochs=40, hidden_size=32, lr=3e-3, random_state=0).fit(train)
+    accelerated = GatedScalarizer(max_epochs=40, hidden_size=32, lr=3e-3, random_state=0,
+                                  accelerate={"mixed_precision": "no", "cpu": True}).fit(train)
+    assert len(backward_calls) >= 40  # every training step went through the accelerator
+    assert type(accelerated.net_) is NeuralNet  # AccelerateMixin only while training
+    assert accelerated.net_.device == "cpu" and accelerated.history_[-1, "epoch"] >= 1
+    # the same task is learned as well as without accelerate
+    assert accelerated.score(test) > 0.9 and abs(accelerated.score(test) - plain.score(test)) < 0.05
+    again = rmkit.load(rmkit.save(accelerated, tmp_path / "gate"))
+    np.testing.assert_allclose(again.predict_proba(test), accelerated.predict_proba(test), rtol=1e-6)
+    with pytest.raises(TypeError, match="accelerate must be"):
+        GatedScalarizer(max_epochs=1, accelerate="yes").fit(train)
+
+
+def test_gating_entropy_tells_a_decisive_gate_from_an_even_one(fitted):
+    X, kind = two_kinds(300, seed=2)
+    h = fitted.gating_entropy(X)
+    gates = fitted.explain(responses(X))["gating_weights"]
+    np.testing.assert_allclose(h, -(gates * np.log(gates)).sum(1), rtol=1e-6)
+    np.testing.assert_allclose(fitted.gating_entropy(responses(X)), h)  # pairs and single responses agree
+    assert h.mean() < 0.5 * np.log(2)  # the trained gate picks the objective of each prompt kind
+    even = GatedScalarizer(random_state=0, temperature=1e6, **FAST).fit(X)  # softmax of ~0: uniform weights
+    np.testing.assert_allclose(even.gating_entropy(X), np.log(2), rtol=1e-4)

@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 import rmkit
-from rmkit._templating import encode_conversation, encode_prompt
+from rmkit.backbones._templating import encode_conversation, encode_prompt
 from rmkit.testing import tiny_backbone
 
 from .conftest import requires_embedded
@@ -97,7 +97,7 @@ def test_lora_expert_encoding_path(tiny):
 
 def test_judge_prompt_path():
     """A local judge's prompt: a response posing as a new user turn stays inside the user message."""
-    from rmkit._judge import JUDGE_SYSTEM, JUDGE_TEMPLATE
+    from rmkit.judge._labeler import JUDGE_SYSTEM, JUDGE_TEMPLATE
 
     tok = _tok()
     user = JUDGE_TEMPLATE.format(name="math", description="correct arithmetic", conversation="2+2?",
@@ -114,7 +114,7 @@ def test_judge_prompt_path():
 
 
 def test_judge_backend_uses_the_safe_encoding(monkeypatch, tiny):
-    from rmkit import _judge
+    from rmkit.judge import _backends as _judge
 
     seen = []
     real = _judge.encode_prompt
@@ -147,7 +147,7 @@ def test_cli_scores_injected_text_as_one_turn(tmp_path, tiny):
 @requires_embedded
 def test_embedded_tokenizer_injection():
     """SmolLM2's real tokenizer (ChatML with its own special tokens)."""
-    from rmkit._backbones import load_tokenizer
+    from rmkit.backbones._loading import load_tokenizer
 
     tok = load_tokenizer("smollm2-135m-instruct")
     inj = encode_conversation(tok, ONE_TURN, INJECTED)
@@ -161,14 +161,19 @@ def test_embedded_tokenizer_injection():
 
 # --------------------------------------------------------------------- 2. loading has no side effects
 
-from pathlib import Path  # noqa: E402
 import shutil  # noqa: E402
 import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from sklearn.base import BaseEstimator  # noqa: E402
 from sklearn.linear_model import Ridge  # noqa: E402
 
-from rmkit._persistence import BackboneMismatchError, IntegrityError, PersistenceError, UnsafeClassError  # noqa: E402,E501
+from rmkit.persistence._format import (  # noqa: E402,E501
+    BackboneMismatchError,
+    IntegrityError,
+    PersistenceError,
+    UnsafeClassError,
+)
 
 
 def _manifest(path):
@@ -251,13 +256,13 @@ def test_backbone_folder_named_by_a_file_is_not_read_hashed_or_written(tmp_path)
     _write_manifest(path, manifest)
     with pytest.raises(BackboneMismatchError, match="outside rmkit's cache") as exc:
         rmkit.load(path)
-    from rmkit._backbones import weights_fingerprint
+    from rmkit.backbones._loading import weights_fingerprint
 
     assert weights_fingerprint(str(foreign))[:12] not in str(exc.value)
     assert _snapshot(foreign) == before  # nothing written (no .rmkit-weights-sha256)
     # the same for an estimator parameter naming it (it would be read when rebuilt)
     manifest["backbones"] = []
-    manifest["model"] = {"__estimator__": {"class": "rmkit._featurizer.BackboneFeaturizer",
+    manifest["model"] = {"__estimator__": {"class": "rmkit.backbones._featurizer.BackboneFeaturizer",
                                            "params": {"backbone": str(foreign)}, "state": {}}}
     _write_manifest(path, manifest)
     with pytest.raises(BackboneMismatchError, match="outside rmkit's cache"):
@@ -266,7 +271,7 @@ def test_backbone_folder_named_by_a_file_is_not_read_hashed_or_written(tmp_path)
 
 
 def test_fingerprinting_never_writes_into_the_backbone_folder(tmp_path):
-    from rmkit._backbones import weights_fingerprint
+    from rmkit.backbones._loading import weights_fingerprint
 
     folder = tmp_path / "bb"
     shutil.copytree(tiny_backbone(), folder)
@@ -361,7 +366,7 @@ def test_csv_text_that_looks_like_numbers_or_missing_is_kept(tmp_path):
     assert df["prompt"].tolist()[1] == "Say None."
     assert df["score"].isna().tolist() == [True, True, False, False]  # other columns: pandas' usual reading
     assert df["id"].tolist() == [1, 2, 3, 4]
-    from rmkit._data import read_pointwise
+    from rmkit.utils._validation import read_pointwise
 
     assert read_pointwise(df).responses == ["4", "None", "NA", "nan"]
 
@@ -395,7 +400,7 @@ class _LengthReward(BaseEstimator):
 
 
 def test_lone_surrogates_are_named():
-    from rmkit._data import read_pairs, read_pointwise
+    from rmkit.utils._validation import read_pairs, read_pointwise
 
     with pytest.raises(ValueError, match=r"column 'response' at row 1 is not valid Unicode.*\\udc00"):
         read_pointwise([{"prompt": "a", "response": "ok"}, {"prompt": "b", "response": "x\udc00"}])
@@ -475,7 +480,7 @@ def test_loaders_name_missing_columns(tmp_path, loader, rows, missing):
 
 
 def test_missing_backbone_folder_is_named(tmp_path):
-    from rmkit._backbones import resolve_backbone
+    from rmkit.backbones._loading import resolve_backbone
 
     missing = tmp_path / "no-such-model"
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -501,7 +506,7 @@ def test_labeler_template_errors_are_named(template, match):
 
 
 def test_mixed_label_types_are_named():
-    from rmkit._data import check_labels
+    from rmkit.utils._validation import check_labels
 
     with pytest.raises(ValueError, match=r"mixes label types int and str.*1 and '1'"):
         check_labels([1, "1", 2], "task")
@@ -515,7 +520,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from rmkit._data import read_pairs, read_pointwise  # noqa: E402
+from rmkit.utils._validation import read_pairs, read_pointwise  # noqa: E402
 
 # Every code point, surrogates and control characters included, plus the template's own markup.
 _ANY_CHAR = st.characters(codec=None, exclude_categories=())
@@ -655,3 +660,40 @@ def test_truncated_parquet_is_named(tmp_path):
     src.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="rows.parquet is not a readable parquet file"):
         load_table(src)
+
+
+# ---------------------------------------------------------------- issue 15, item 6: LoRA views own their hooks
+
+
+def test_a_trunk_pass_on_a_lora_view_never_cuts_a_backbone_pass(tiny):
+    """The early-exit hook of a LoRA trunk pass lives on the view, not on the shared backbone."""
+    import threading
+
+    import torch
+
+    from rmkit.backbones import load_backbone
+    from rmkit.lora._module import ExpertModule
+
+    base = load_backbone(tiny, device="cpu")
+    module = ExpertModule(base, ["a"], dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                            layers_to_transform=[1]), first_layer=1, seed=0)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    expected = base(input_ids=ids).last_hidden_state
+    entered, release = threading.Event(), threading.Event()
+
+    def block(*_):  # holds the trunk pass open inside its first layer, with its early-exit hook registered
+        entered.set()
+        release.wait(10)
+
+    blocker = module.base.layers[0].register_forward_pre_hook(block)
+    worker = threading.Thread(target=module.trunk, args=(ids, torch.ones_like(ids)))
+    worker.start()
+    try:
+        assert entered.wait(10)
+        assert len(module.base.layers[0]._forward_hooks) == 1  # the trunk's early exit, on the view
+        assert len(base.layers[0]._forward_hooks) == 0 and len(base.layers[0]._forward_pre_hooks) == 0
+        torch.testing.assert_close(base(input_ids=ids).last_hidden_state, expected)  # a full pass, not cut
+    finally:
+        release.set()
+        worker.join()
+        blocker.remove()

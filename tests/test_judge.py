@@ -7,13 +7,13 @@ import pandas as pd
 import pytest
 from sklearn.base import clone
 
-from rmkit._judge import (
-    CapabilityLabeler,
+from rmkit.judge._backends import (
     JudgeAuthenticationError,
     OpenAIChatBackend,
     TransformersChatBackend,
-    parse_verdict,
 )
+from rmkit.judge._labeler import CapabilityLabeler
+from rmkit.judge._verdict import parse_verdict
 
 CAPS = {"correctness": "the answer is factually right", "brevity": "says it in few words"}
 

@@ -12,7 +12,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV
 
 from rmkit import LoRAExpertRegressor
-from rmkit._backbones import load_backbone
+from rmkit.backbones._loading import load_backbone
 
 WORDS = ["cat", "dog", "sun", "tree", "car", "book", "fish", "bird", "rain", "milk", "star", "shoe"]
 
@@ -260,3 +260,24 @@ def test_bad_inputs_give_clear_errors(tiny):
         rm(tiny, rank=0).fit(X)
     with pytest.raises(NotFittedError):
         rm(tiny).predict(X)
+
+
+# ---------------------------------------------------------------- issue 13: training under accelerate
+
+
+@pytest.mark.slow
+def test_training_under_accelerate_learns_and_accumulates_gradients(tiny, monkeypatch):
+    pytest.importorskip("accelerate")
+    import torch
+
+    steps = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **kw: steps.append(1) or real_step(self, *a, **kw))
+    X, test = make_pairs(16), make_pairs(8, seed=1)
+    model = rm(tiny, batch_size=4, accumulation_steps=2, max_epochs=6, device="cpu",
+               accelerate={"cpu": True, "mixed_precision": "no"}).fit(X)
+    assert len(steps) == 6 * (16 // 4) // 2  # one optimizer step per two batches: the accelerator accumulates
+    losses = model.history_[:, "train_loss"]
+    assert losses[-1] < 0.6 * losses[0] and model.score(test) >= 0.85
+    reversed_rows = test.iloc[::-1].reset_index(drop=True)  # a plain model afterwards: scores per row, any order
+    np.testing.assert_allclose(model.predict_proba(reversed_rows)[::-1], model.predict_proba(test), atol=1e-6)

@@ -4,7 +4,12 @@ import pytest
 from sklearn.base import BaseEstimator
 from sklearn.model_selection import GridSearchCV, KFold
 
-from rmkit.metrics import pairwise_accuracy, pairwise_scorer, rewardbench_report, rewardbench_scores
+from rmkit.metrics import (
+    pairwise_accuracy,
+    pairwise_scorer,
+    rewardbench_report,
+    rewardbench_scores,
+)
 
 
 def test_pairwise_accuracy_counts_ties_as_wrong():

@@ -78,6 +78,7 @@ def _pair_frame(rng, n, d, w, prompts=None):
                        ("prompt", "m", ("group",)): groups})
 
 
+@pytest.mark.slow
 def test_feature_frames_rated_and_pairwise_objectives_keep_pair_structure_and_prompt_block():
     rng = np.random.RandomState(3)
     d = 5
@@ -103,6 +104,7 @@ def test_feature_frames_rated_and_pairwise_objectives_keep_pair_structure_and_pr
                                                          ("prompt", "h", range(d)): np.zeros((400, d))}))[:, 0])
 
 
+@pytest.mark.slow
 def test_pair_labels_orient_pairs_and_sample_weight_is_used():
     rng = np.random.RandomState(7)
     d = 4
@@ -122,6 +124,7 @@ def test_pair_labels_orient_pairs_and_sample_weight_is_used():
     assert not np.allclose(weighted.coef_, a.coef_)
 
 
+@pytest.mark.slow
 def test_cross_fit_gives_out_of_fold_rewards_grouped_by_prompt():
     rng = np.random.RandomState(8)
     d = 6
@@ -144,6 +147,7 @@ def test_cross_fit_gives_out_of_fold_rewards_grouped_by_prompt():
     assert acc(full) >= acc(oof)
 
 
+@pytest.mark.slow
 def test_seed_reproduces_pairwise_probe():
     rng = np.random.RandomState(4)
     P = _pair_frame(rng, 60, 4, rng.normal(size=4))

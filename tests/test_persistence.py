@@ -23,10 +23,15 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import rmkit
-from rmkit import _persistence
-from rmkit._persistence import BackboneMismatchError, IntegrityError, PersistenceError, UnsafeClassError
-from rmkit._backbones import weights_fingerprint
+from rmkit.backbones._loading import weights_fingerprint
 from rmkit.datasets import make_preference_pairs
+from rmkit.persistence import _api, _swap
+from rmkit.persistence._format import (
+    BackboneMismatchError,
+    IntegrityError,
+    PersistenceError,
+    UnsafeClassError,
+)
 from rmkit.testing import tiny_backbone
 
 
@@ -72,7 +77,7 @@ def test_nothing_is_pickled(tmp_path):
     path = rmkit.save(model, tmp_path / "m")
     assert sorted(p.name for p in path.iterdir()) == ["README.md", "rmkit.json", "tensors.safetensors"]
     manifest = _manifest(path)
-    assert manifest["format"] == "rmkit.save" and manifest["format_version"] == _persistence.FORMAT_VERSION
+    assert manifest["format"] == "rmkit.save" and manifest["format_version"] == rmkit.persistence.FORMAT_VERSION
     assert b"pickle" not in (path / "tensors.safetensors").read_bytes()[:200]
     umask = os.umask(0)
     os.umask(umask)
@@ -250,7 +255,7 @@ def test_unregistered_class_is_not_saved(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["os.system", "posix.system", "subprocess.Popen", "builtins.eval",
-                                  "rmkit._persistence._Writer", "antigravity.geohash", "shutil.rmtree"])
+                                  "rmkit.persistence._writer.Writer", "antigravity.geohash", "shutil.rmtree"])
 def test_json_pointing_at_code_is_refused(tmp_path, name):
     model, _ = _ridge_pipeline()
     path = rmkit.save(model, tmp_path / "m")
@@ -292,7 +297,7 @@ def test_truncated_safetensors_is_refused(tmp_path):
         rmkit.load(path)
     # even with the recorded size and hash forged to match, the cut file is not read as a model
     manifest = _manifest(path)
-    manifest["tensors"].update(bytes=len(data) // 2, sha256=_persistence._sha256(path / "tensors.safetensors"))
+    manifest["tensors"].update(bytes=len(data) // 2, sha256=_swap.sha256(path / "tensors.safetensors"))
     _write_manifest(path, manifest)
     with pytest.raises(IntegrityError, match="not a readable safetensors file"):
         rmkit.load(path)
@@ -375,7 +380,7 @@ def test_interrupted_save_keeps_previous_save(tmp_path, monkeypatch):
     def crash(tmp, target):
         raise KeyboardInterrupt("power cut")
 
-    monkeypatch.setattr(_persistence, "_swap_into_place", crash)
+    monkeypatch.setattr(_api, "swap_into_place", crash)
     with pytest.raises(KeyboardInterrupt):
         rmkit.save(new, path)
     np.testing.assert_array_equal(rmkit.load(path).predict(X), old.predict(X))
@@ -399,26 +404,27 @@ def test_failed_second_rename_puts_the_previous_save_back(tmp_path, monkeypatch)
             raise OSError("disk full")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(_persistence.os, "rename", fail_second)
+    monkeypatch.setattr(_swap.os, "rename", fail_second)
     with pytest.raises(OSError, match="disk full"):
         rmkit.save(old, path)
     np.testing.assert_array_equal(rmkit.load(path).predict(X), new.predict(X))
 
 
+@pytest.mark.slow
 def test_save_killed_midway_keeps_previous_save(tmp_path):
     old, X = _ridge_pipeline(seed=0)
     path = rmkit.save(old, tmp_path / "m")
     marker = tmp_path / "writing"
     script = textwrap.dedent(f"""
         import time, numpy as np, rmkit
-        from rmkit import _persistence
+        from rmkit.persistence import _api
         from sklearn.linear_model import Ridge
-        real = _persistence._fsync_file
+        real = _api.fsync_file
         def slow(p):
             real(p)
             open({str(marker)!r}, "w").close()
             time.sleep(60)
-        _persistence._fsync_file = slow
+        _api.fsync_file = slow
         rmkit.save(Ridge().fit(np.eye(3), [1.0, 2.0, 3.0]), {str(path)!r})
     """)
     proc = subprocess.Popen([sys.executable, "-c", script])

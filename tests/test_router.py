@@ -7,8 +7,8 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.tree import DecisionTreeClassifier
 
 from rmkit import BackboneFeaturizer
-from rmkit._router import TaskRouter
 from rmkit.datasets import make_preference_pairs
+from rmkit.moe._router import TaskRouter
 
 CODES = {"math": 1.0, "safety": 2.0, "relevance": 3.0}
 

@@ -140,13 +140,13 @@ def test_split_query_with_the_tiny_template(tokenizer):
 def test_split_query_with_the_fallback_format(tiny):
     from transformers import AutoTokenizer
 
-    from rmkit._templating import _fallback_render
+    from rmkit.backbones._templating import fallback_render
     from rmkit.testing import tiny_backbone
 
     tok = AutoTokenizer.from_pretrained(tiny_backbone(chat_template=False))
     msgs = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."},
             {"role": "user", "content": "Another?"}]
-    assert split_query(_fallback_render(msgs, tok) + "Blue." + tok.eos_token, tok) == (msgs, "Blue.")
+    assert split_query(fallback_render(msgs, tok) + "Blue." + tok.eos_token, tok) == (msgs, "Blue.")
 
 
 def test_split_query_refuses_what_it_cannot_split_exactly(tokenizer):
@@ -161,7 +161,7 @@ def test_split_query_refuses_what_it_cannot_split_exactly(tokenizer):
 
 @requires_embedded
 def test_split_query_with_the_embedded_template():
-    from rmkit._backbones import load_tokenizer
+    from rmkit.backbones._loading import load_tokenizer
 
     tok = load_tokenizer("smollm2-135m-instruct")
     splitter = QuerySplitter(tok)

@@ -158,7 +158,7 @@ def _is_path_input(data):
 
 def _read_local(data):
     """The input as a pandas DataFrame (backend="local")."""
-    from .._data import as_frame
+    from rmkit.utils._validation import as_frame
 
     if _is_path_input(data):
         files, kind = _expand_paths(data)
@@ -231,8 +231,8 @@ class ShardWorker:
 
     def _fitted(self, texts):
         from sklearn.base import clone
-        from sklearn.utils.validation import check_is_fitted
         from sklearn.exceptions import NotFittedError
+        from sklearn.utils.validation import check_is_fitted
 
         if self.fitted is None:
             try:

@@ -11,9 +11,9 @@ from sklearn.utils import check_random_state
 from sklearn.utils.metaestimators import _BaseComposition
 from sklearn.utils.validation import check_is_fitted
 
-from .._base import TextRewardModelMixin
-from .._data import as_frame, infer_kind, read_pairs, read_pointwise
-from ..model_selection import prompt_groups
+from rmkit.base import TextRewardModelMixin
+from rmkit.model_selection import prompt_groups
+from rmkit.utils._validation import as_frame, infer_kind, read_pairs, read_pointwise
 
 __all__ = ["COMBINERS", "RewardEnsemble", "combine_rewards"]
 
@@ -148,7 +148,7 @@ class RewardEnsemble(TextRewardModelMixin, _BaseComposition, BaseEstimator):
 
     Notes
     -----
-    The reward-model contract of rmkit (:mod:`rmkit._base`): ``predict`` on
+    The reward-model contract of rmkit (:mod:`rmkit.base`): ``predict`` on
     pointwise rows returns the combined reward; on preference pairs
     ``predict_proba`` gives P(chosen ≻ rejected) = sigmoid of the combined
     reward margin, ``decision_function`` the margin and ``score`` pairwise

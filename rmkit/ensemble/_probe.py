@@ -6,9 +6,9 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
-from .._base import RewardModelMixin
-from .._multiobjective import MultiObjectiveRegressor
-from ..layout import read_layout
+from rmkit.base import RewardModelMixin
+from rmkit.layout import read_layout
+from rmkit.objectives._multiobjective import MultiObjectiveRegressor
 
 __all__ = ["BradleyTerryProbe"]
 

@@ -154,7 +154,7 @@ def best_of_n(scores_or_scorer, data, *, gold="gold", group=None, n_values=(1, 2
         if "prompt_id" in cand.columns:
             keys = cand["prompt_id"].to_numpy()
         else:
-            from ..model_selection import prompt_groups
+            from rmkit.model_selection import prompt_groups
 
             keys = prompt_groups(cand)
     else:

@@ -10,8 +10,17 @@ their inputs by name and refuse a frame of the wrong layout. DataFrames survive
 ``Pipeline``, ``FeatureUnion``, ``clone``, ``GridSearchCV`` and joblib as they are.
 """
 
-from ._frame import (BLOCKS, GROUP_COLUMN, Layout, column, is_layout_frame, make_frame, read_layout, select_side,
-                     sides_of)
+from ._frame import (
+                     BLOCKS,
+                     GROUP_COLUMN,
+                     Layout,
+                     column,
+                     is_layout_frame,
+                     make_frame,
+                     read_layout,
+                     select_side,
+                     sides_of,
+)
 
 __all__ = ["BLOCKS", "GROUP_COLUMN", "Layout", "column", "is_layout_frame", "make_frame", "read_layout", "select_side",
            "sides_of"]

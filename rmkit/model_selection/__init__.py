@@ -16,7 +16,6 @@ from ._split import (
     prompt_train_test_split,
     resolve_groups,  # noqa: F401
 )
-from ._validation import PromptGroupValidSplit
 
 __all__ = [
     "PromptGroupKFold",
@@ -28,3 +27,11 @@ __all__ = [
     "shuffle_pair_sides",
 ]
 # also importable, for rmkit's own steps: check_prompt_cv, pair_target, resolve_groups
+
+
+def __getattr__(name):  # PromptGroupValidSplit subclasses skorch's ValidSplit: torch loads only when it is used
+    if name == "PromptGroupValidSplit":
+        from ._validation import PromptGroupValidSplit
+
+        return PromptGroupValidSplit
+    raise AttributeError(f"module 'rmkit.model_selection' has no attribute {name!r}")

@@ -63,18 +63,18 @@ def prompt_groups(X):
     """
     import pandas as pd
 
-    from ..layout import GROUP_COLUMN, is_layout_frame
+    from rmkit.layout import GROUP_COLUMN, is_layout_frame
 
     if is_layout_frame(X):
         if GROUP_COLUMN not in X.columns:  # a hand-made frame: like an array, each row its own prompt
             return np.arange(len(X), dtype=np.int64)
         return X[GROUP_COLUMN].to_numpy().astype(np.int64)
     if isinstance(X, (pd.DataFrame, list, tuple, dict)):
-        from .._data import _conversations, as_frame
+        from rmkit.utils._validation import as_frame, conversations_of
 
         df = as_frame(X)
         if "prompt" in df.columns or "messages" in df.columns:
-            return group_ids_of_conversations(_conversations(df))
+            return group_ids_of_conversations(conversations_of(df))
         if isinstance(X, pd.DataFrame) and not any(isinstance(c, str) for c in df.columns):
             return np.arange(len(df), dtype=np.int64)
         raise ValueError(f"Cannot tell the prompts of X: it has no 'prompt' or 'messages' column "

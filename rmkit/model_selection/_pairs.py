@@ -56,7 +56,7 @@ def shuffle_pair_sides(pairs, *, fraction=0.5, random_state=0):
     """
     import pandas as pd
 
-    from .._data import as_frame
+    from rmkit.utils._validation import as_frame
 
     df = as_frame(pairs, name="pairs").copy()
     for col in ("chosen", "rejected"):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn.model_selection import GroupShuffleSplit
+from skorch.dataset import ValidSplit, get_len
 
 __all__ = ["PromptGroupValidSplit"]
 
 
-class PromptGroupValidSplit:
-    """skorch ``train_split``: hold out a share of the *prompts* for validation and early stopping.
+class PromptGroupValidSplit(ValidSplit):
+    """skorch's ``ValidSplit`` grouped by prompt: hold out a share of the *prompts* for validation and early stopping.
 
     Parameters
     ----------
@@ -30,22 +31,24 @@ class PromptGroupValidSplit:
     """
 
     def __init__(self, fraction, *, groups, random_state=None):
+        super().__init__(cv=GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=random_state))
         self.fraction = fraction
         self.groups = groups
         self.random_state = random_state
 
-    def indices(self, n):
+    def _checked_groups(self, n):
         groups = np.asarray(self.groups)
         if len(groups) != n:
             raise ValueError(f"PromptGroupValidSplit has {len(groups)} group labels for {n} rows.")
         if len(np.unique(groups)) < 2:
             raise ValueError("A validation split by prompt needs at least two distinct prompts; set "
                              "validation_fraction=None to train without one.")
-        splitter = GroupShuffleSplit(n_splits=1, test_size=self.fraction, random_state=self.random_state)
-        return next(splitter.split(np.zeros(n), groups=groups))
+        return groups
+
+    def indices(self, n):
+        """``(train, valid)`` row indices for ``n`` rows."""
+        return next(self.cv.split(np.zeros(n), groups=self._checked_groups(n)))
 
     def __call__(self, dataset, y=None, groups=None):
-        from torch.utils.data import Subset
-
-        train, valid = self.indices(len(dataset))
-        return Subset(dataset, train.tolist()), Subset(dataset, valid.tolist())
+        # skorch's own split, with the bound prompt groups (not stratified: y is a pair target or a rating)
+        return super().__call__(dataset, y=None, groups=self._checked_groups(get_len(dataset)))

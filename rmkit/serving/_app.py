@@ -112,7 +112,7 @@ def _prepare_model(model, config):
 
 
 def _load_tokenizer(name, *, private=False):
-    from .._backbones import load_tokenizer, resolve_backbone
+    from rmkit.backbones._loading import load_tokenizer, resolve_backbone
 
     if private:  # not rmkit's shared instance: the event loop counts tokens while predict tokenizes
         from transformers import AutoTokenizer
@@ -368,7 +368,7 @@ def create_app(model, config=None, **settings):
     async def score(request):
         import pandas as pd
 
-        from .._data import read_texts
+        from rmkit.utils._validation import read_texts
 
         body = await read_json(request)
         explain = body.get("explain", False)

@@ -27,7 +27,7 @@ and the query starts with it, the response starts right after it and only the
 prompt is parsed.
 
 A tokenizer without a chat template uses rmkit's fallback format (see
-:mod:`rmkit._templating`), so queries rendered in that format split too.
+:mod:`rmkit.backbones._templating`), so queries rendered in that format split too.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ def _render_prompt(tokenizer, messages):
     """The prompt as the model sees it before the response (with the generation prompt)."""
     if tokenizer.chat_template:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    from .._templating import _fallback_render
+    from rmkit.backbones._templating import fallback_render
 
-    return _fallback_render(messages, tokenizer)
+    return fallback_render(messages, tokenizer)
 
 
 def _render_full(tokenizer, messages, response):
