@@ -142,7 +142,7 @@ def test_early_stopping_splits_by_prompt_and_hyperparameter_search(monkeypatch):
 
 def test_params_are_the_models_own_and_weights_matter():
     gate = GatedScalarizer()
-    assert len(gate.get_params()) == 14 and "skorch" not in repr(gate)
+    assert len(gate.get_params()) == 15 and "skorch" not in repr(gate)
     X, _ = two_kinds(300, seed=9)
     noisy = X.copy()
     flip = np.arange(300) < 150  # half the pairs with their sides swapped: label noise
