@@ -36,18 +36,17 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYER = 10
-FEATURIZER = dict(layer=LAYER, max_length=512, dtype="bfloat16", batch_size=16)
-# Bounded for a 2-core CPU shared with other jobs (1-5 s per text with the 135M backbone under load):
-# training pairs are the first n_pairs of a seeded sample of 1000 whose prompt + both responses fit in
-# train_max_chars characters (RMB prompts and responses are long: a pair costs ~3-4 candidate texts);
-# rated rows likewise (prompt + response <= rating_max_chars).
-BOUNDS = dict(n_prompts=40, n_pairs=80, train_max_chars=2000, n_ratings=40, rating_max_chars=800, n_draws=200,
-              n_boot=1000)
+FEATURIZER = dict(layer=LAYER, max_length=512, dtype="auto", batch_size=16)  # auto: float32 on a CPU without bf16
+# The training set is benchmarks/quality.py's (PAIR_SAMPLE, RATING_SAMPLE: the samples its feature cache was
+# filled with, so the learned rows cost no new featurizing) minus every pair / rated row whose prompt is a
+# best-of-N prompt. Only the candidates need new backbone passes (AlpacaEval responses: ~300-500 tokens each);
+# n_prompts is a prefix of a seeded permutation of the prompts, so a larger run reuses a smaller one's cache.
+BOUNDS = dict(n_prompts=40, n_draws=200, n_boot=1000)
 GOLD = "gold_turbo"
 N_VALUES = (1, 2, 4, 8, 16)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import (ARMORM_DECORRELATION, ARMORM_GATING, LORA, RATING_COLUMNS, dmoerm_frame,  # noqa: E402
-                     pair_objective)
+from quality import (ARMORM_DECORRELATION, ARMORM_GATING, LORA, PAIR_SAMPLE, RATING_COLUMNS,  # noqa: E402
+                     RATING_SAMPLE, cpu_model, dmoerm_frame, pair_objective)
 
 
 def _norm(text):
@@ -69,27 +68,33 @@ def load_data(bounds=BOUNDS, seed=0):
 
     all_pairs = load_pairwise()
     overlap = all_pairs["prompt"].map(_norm).isin(bon_prompts)
-    kept = all_pairs[~overlap]
-    train = kept.sample(n=1000, random_state=seed)
-    chars = train["prompt"].str.len() + train["chosen"].str.len() + train["rejected"].str.len()
-    train = train[chars <= bounds["train_max_chars"]].head(bounds["n_pairs"]).reset_index(drop=True)
+    sample = load_pairwise(**PAIR_SAMPLE)  # quality.py's training sample (its features are cached)
+    s_overlap = sample["prompt"].map(_norm).isin(bon_prompts)
+    train = sample[~s_overlap]
+    if bounds.get("n_pairs"):
+        train = train.head(bounds["n_pairs"])
+    train = train.reset_index(drop=True)
     train = train.assign(objective=train.apply(pair_objective, axis=1))
 
-    ratings = load_ratings(n=1500, random_state=seed)
-    ratings = ratings[ratings["response"].fillna("").str.strip() != ""]
+    ratings = load_ratings(**RATING_SAMPLE)
+    ratings = ratings[ratings["response"].fillna("").str.strip() != ""]  # as quality.py: a few are empty
     r_overlap = ratings["prompt"].map(_norm).isin(bon_prompts)
     ratings = ratings[~r_overlap]
-    ratings = ratings[ratings["prompt"].str.len() + ratings["response"].str.len() <= bounds["rating_max_chars"]]
-    ratings = ratings.head(bounds["n_ratings"]).reset_index(drop=True)
+    if bounds.get("n_ratings"):
+        ratings = ratings.head(bounds["n_ratings"])
+    ratings = ratings.reset_index(drop=True)
     info = dict(pairs_total=int(len(all_pairs)), pairs_removed=int(overlap.sum()),
                 pairs_removed_sources=all_pairs.loc[overlap, "source"].value_counts().to_dict(),
-                pairs_left=int(len(kept)), rated_rows_removed_of_sample=int(r_overlap.sum()),
+                pairs_left=int((~overlap).sum()), pair_sample=int(len(sample)),
+                pairs_removed_of_sample=int(s_overlap.sum()),
+                pairs_removed_of_sample_sources=sample.loc[s_overlap, "source"].value_counts().to_dict(),
+                rating_sample=int(len(r_overlap)), rated_rows_removed_of_sample=int(r_overlap.sum()),
                 n_prompts=int(bon["prompt_id"].nunique()), n_candidates=int(len(bon)))
     return bon, train, ratings, info
 
 
 _SMOKE_CACHE = str(Path(__import__("tempfile").gettempdir()) / "rmkit-bon-smoke-features")
-SMOKE = dict(BOUNDS, n_prompts=8, n_pairs=60, n_draws=20, n_boot=50)  # --smoke: tiny backbone, minutes
+SMOKE = dict(BOUNDS, n_prompts=8, n_pairs=60, n_ratings=40, n_draws=20, n_boot=50)  # --smoke: tiny backbone, minutes
 
 
 def featurizer(backbone=None):
@@ -101,19 +106,24 @@ def featurizer(backbone=None):
 
 
 def warm(bon, train, ratings, chunk=24):
-    """Fill the on-disk feature cache in small chunks (a stop loses at most one chunk), candidates first."""
+    """Fill the on-disk feature cache in small chunks (a stop loses at most one chunk).
+
+    The training pairs and rated rows first (quality.py's sample: normally all cache hits, a check that the
+    settings match), then the candidates in prompt order, so a stop leaves a prefix of the prompts warm.
+    """
     feat = featurizer()
     feat.verbose = 0
     t0 = time.time()
-    first = bon["prompt_id"].isin(bon["prompt_id"].unique()[:len(bon["prompt_id"].unique()) // 2]).to_numpy()
-    jobs = [("bon (first half of the prompts)", bon.loc[first, ["prompt", "response"]]),
-            ("train", train[["prompt", "chosen", "rejected"]]), ("ratings", ratings[["prompt", "response"]]),
-            ("bon (second half)", bon.loc[~first, ["prompt", "response"]])]
+    jobs = [("train", train[["prompt", "chosen", "rejected"]]), ("ratings", ratings[["prompt", "response"]]),
+            ("bon candidates", bon[["prompt", "response"]])]
     for name, frame in jobs:
         for i in range(0, len(frame), chunk):
+            t = time.time()
             feat.transform(frame.iloc[i:i + chunk])
-            print(f"warm {name} {min(i + chunk, len(frame))}/{len(frame)} rows, {time.time() - t0:.0f} s, "
-                  f"{feat.last_stats_['cache_hits']} cache hits", flush=True)
+            st = feat.last_stats_
+            print(f"warm {name} {min(i + chunk, len(frame))}/{len(frame)} rows, {time.time() - t0:.0f} s "
+                  f"(chunk {time.time() - t:.0f} s, {st['real_tokens']} tokens), {st['cache_hits']} cache hits",
+                  flush=True)
 
 
 # -- reward models: ctx -> proxy scores of the candidates ------------------------------------------------
