@@ -135,6 +135,32 @@ class Context:
         self.pairs = train[["prompt", "chosen", "rejected"]].reset_index(drop=True)
         self.candidates = bon[["prompt", "response"]].reset_index(drop=True)
         self.notes = {}
+        self.fitted_dir = None  # --fitted DIR: fitted models are saved there and reused by a later run
+        self.fit_seconds = {}
+
+    def fit(self, name, model, *args, **kwargs):
+        """``model.fit(*args, **kwargs)``, or the model a previous run with the same training set saved.
+
+        The models depend only on the training set (never on the candidates), so a run can fit them while the
+        candidates' features are still being computed and a later, larger run only scores.
+        """
+        import joblib
+
+        path = None
+        if self.fitted_dir is not None:
+            path = Path(self.fitted_dir) / f"{name}-pairs{len(self.pairs)}-ratings{len(self.ratings)}-seed{self.seed}.joblib"
+            if path.exists():
+                self.notes.setdefault("reused_fits", []).append(name)
+                self.fit_seconds[name] = json.loads(path.with_suffix(".json").read_text())["fit_seconds"]
+                return joblib.load(path)
+        t = time.time()
+        model.fit(*args, **kwargs)
+        self.fit_seconds[name] = time.time() - t
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            joblib.dump(model, path)
+            path.with_suffix(".json").write_text(json.dumps({"fit_seconds": self.fit_seconds[name]}))
+        return model
 
     def probe(self):
         from sklearn.base import clone
@@ -153,21 +179,27 @@ def longer_wins(ctx):
 
 
 def bt_probe(ctx):
-    return {"bt_probe": ctx.probe().fit(ctx.pairs).predict(ctx.candidates)}
+    return {"bt_probe": ctx.fit("bt_probe", ctx.probe(), ctx.pairs).predict(ctx.candidates)}
 
 
 def ensemble(ctx):
     """5 BT probes on prompt-grouped bootstrap resamples, combined three ways (one fit)."""
     from rmkit import RewardEnsemble
 
-    ens = RewardEnsemble(estimator=ctx.probe(), n_members=5, bootstrap=True, lam=1.0,
-                         random_state=ctx.seed).fit(ctx.pairs)
+    ens = ctx.fit("ensemble", RewardEnsemble(estimator=ctx.probe(), n_members=5, bootstrap=True, lam=1.0,
+                                             random_state=ctx.seed), ctx.pairs)
     ex = ens.explain(ctx.candidates)
     Z = ex[ens.member_names_].to_numpy()
     ctx.notes["ensemble_member_corr"] = float(np.mean(np.corrcoef(Z.T)[np.triu_indices(Z.shape[1], 1)]))
-    out = {}
+    # the three combiners from the one explain() pass (each predict() would featurize the candidates again),
+    # checked against the ensemble's own predict() on a few candidates
+    from rmkit.ensemble._ensemble import combine_rewards
+
+    out, head = {}, ctx.candidates.head(16)
     for key, how in (("ens_mean", "mean"), ("ens_wco", "min"), ("ens_uwo", "uwo")):
-        out[key] = ens.set_params(combine=how).predict(ctx.candidates)
+        out[key] = combine_rewards(Z, how, ens.lam)
+        np.testing.assert_allclose(out[key][:len(head)], ens.set_params(combine=how).predict(head), rtol=1e-6,
+                                   atol=1e-9)
     return out
 
 
@@ -184,7 +216,14 @@ def armorm(ctx):
                    decorrelator=VerbosityDecorrelator(**ARMORM_DECORRELATION), gating=GatedScalarizer(**ARMORM_GATING),
                    cv=3, random_state=ctx.seed)
     train = ctx.pairs.assign(objective=objective.to_numpy())
-    model.fit(train, ratings=ctx.ratings[["prompt", "response"]].join(ctx.ratings[cols]))
+    # Work-around (rmkit bug, pandas 3): MultiObjectiveRegressor's cross-fitting stratifies folds by
+    # pd.Series(sources).astype(str), which keeps None as NaN under pandas 3, and StratifiedGroupKFold then fails
+    # sorting NaN among strings. Pairs of no objective are therefore left out of ArmoRM's training here
+    # (none in the full run: every objective there has >= 20 pairs; only --smoke's tiny set has such pairs).
+    if train["objective"].isna().any():
+        ctx.notes["armorm_pairs_without_objective_dropped"] = int(train["objective"].isna().sum())
+        train = train[train["objective"].notna()].reset_index(drop=True)
+    model = ctx.fit("armorm", model, train, ratings=ctx.ratings[["prompt", "response"]].join(ctx.ratings[cols]))
     return {"armorm": model.predict(ctx.candidates)}
 
 
@@ -265,7 +304,9 @@ def compare(results, reference="bt_probe", n_boot=BOUNDS["n_boot"], seed=0):
 
 
 def markdown(results, comparison, probe_falls, meta):
-    head = ["model"] + [f"gold@{n}" for n in N_VALUES] + ["gain@16", "gain − probe's (paired)", "peak N", "goal"]
+    head = ["model"] + [f"gold@{n}" for n in N_VALUES] + ["gain@16", "gain − probe's (paired)", "peak N", "goal",
+                                                          "ρ gold", "ρ length"]
+    rank = meta.get("rank_diagnostics", {})
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         t, c = r["table"], comparison[name]
@@ -276,7 +317,9 @@ def markdown(results, comparison, probe_falls, meta):
                      f"{c['gain16_minus_probe']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]")
         cells.append(str(c["peak_n"]))
         cells.append("ref" if name in ("bt_probe", "oracle") else
+                     "– (baseline, not a recipe)" if name == "length" and c["meets_goal"] is not None else
                      {True: "yes", False: "no", None: "– (no probe row)"}[c["meets_goal"]])
+        cells += [f"{rank[name][k]:+.2f}" if name in rank else "–" for k in ("gold", "length")]
         lines.append("| " + " | ".join(cells) + " |")
     info = meta["data"]
     text = [
@@ -293,14 +336,17 @@ def markdown(results, comparison, probe_falls, meta):
         "",
         ("Training (the learned rows): " if any(k in results for k in ("bt_probe", "ens_mean", "armorm", "dmoerm"))
          else "No learned reward model is in this table (see the notes below); their training set would be: ") +
-        f"{meta['n_train_pairs']} pairs of `pairwise_train.jsonl.gz` (first {meta['n_train_pairs']} of a "
-        f"seeded sample of 1000 whose prompt and responses fit in {meta['bounds'].get('train_max_chars')} characters) "
-        f"after removing every pair whose prompt is a best-of-N prompt: "
-        f"**{info['pairs_removed']} of {info['pairs_total']} pairs removed** ({info['pairs_removed_sources']}); "
-        f"ArmoRM also uses {meta['n_ratings']} rated rows of `multiobjective_sparse.jsonl.gz` "
-        f"({info['rated_rows_removed_of_sample']} rated rows of its 1500-row sample removed for the same reason). "
-        f"Features: `{meta['backbone']}` layer {LAYER}, bfloat16, max 512 tokens, one cached pass per text shared by "
-        "every model.",
+        f"{meta['n_train_pairs']} pairs: `benchmarks/quality.py`'s training sample of `pairwise_train.jsonl.gz` "
+        f"({info.get('pair_sample')} pairs, `load_pairwise(n=2000, random_state=0)`, whose features were cached) "
+        f"minus every pair whose prompt is a best-of-N prompt: **{info.get('pairs_removed_of_sample')} of its "
+        f"{info.get('pair_sample')} pairs removed** ({info.get('pairs_removed_of_sample_sources')}; in the whole "
+        f"file the best-of-N prompts cover {info['pairs_removed']} of {info['pairs_total']} pairs, "
+        f"{info['pairs_removed_sources']}). "
+        f"ArmoRM also uses {meta['n_ratings']} rated rows of `multiobjective_sparse.jsonl.gz` (quality.py's "
+        f"{info.get('rating_sample')}-row sample minus {info['rated_rows_removed_of_sample']} rows whose prompt is "
+        "a best-of-N prompt). "
+        f"Features: `{meta['backbone']}` layer {LAYER}, {meta.get('dtype', 'bfloat16')} (`dtype=\"auto\"` on "
+        f"{meta.get('cpu', 'this CPU')}), max 512 tokens, one cached pass per text shared by every model.",
         "",
         *lines,
         "",
@@ -309,13 +355,16 @@ def markdown(results, comparison, probe_falls, meta):
         f"Segments where the BT probe's curve falls: "
         f"{'(no BT probe row)' if probe_falls is None else (probe_falls or 'none')}. "
         "`gain − probe's`: gain@16 minus the "
-        "probe's gain@16, paired bootstrap over prompts. `goal` = gain@16 ≥ the probe's gain@16 and the curve does "
-        "not fall on any segment where the probe's falls.",
+        "probe's gain@16, paired bootstrap over prompts. `goal` (rmkit's recipes only) = gain@16 ≥ the probe's "
+        "gain@16 and the curve does not fall on any segment where the probe's falls. `ρ gold`, `ρ length`: "
+        "Spearman correlation of the model's reward with the gold score and with the response's token count among "
+        "one prompt's candidates, averaged over prompts.",
         "",
         *[line for note in meta.get("notes", []) for line in (note, "")],
         "",
-        f"Generated by `python benchmarks/bon.py` ({meta['seconds']:.0f} s after the feature cache was warm, "
-        f"{meta['machine']}).",
+        f"Generated by `python benchmarks/bon.py` ({meta['seconds']:.0f} s after the feature cache was warm: "
+        f"{', '.join(f'{k} {v:.0f} s' for k, v in meta.get('model_seconds', {}).items())}; {meta['machine']}; "
+        f"{meta.get('cpu', '')}, {meta.get('dtype', '')} features).",
     ]
     return "\n".join(text) + "\n"
 
@@ -359,8 +408,33 @@ def write_plot(stem, results):
     return stem.with_suffix(".png")
 
 
+def within_prompt_spearman(a, b, groups):
+    """Mean over prompts of the Spearman correlation of a and b among one prompt's candidates."""
+    from scipy.stats import spearmanr
+
+    a, b, groups = np.asarray(a, float), np.asarray(b, float), np.asarray(groups)
+    rhos = []
+    for g in np.unique(groups):
+        m = groups == g
+        if m.sum() >= 3 and np.ptp(a[m]) > 0 and np.ptp(b[m]) > 0:
+            rhos.append(spearmanr(a[m], b[m])[0])
+    return float(np.mean(rhos)) if rhos else float("nan")
+
+
+def rank_diagnostics(results, meta):
+    """Within-prompt Spearman of every model's reward with the gold and with the response length."""
+    ref = meta.get("candidates")
+    if not ref or "length" not in results or "scores" not in results["length"]:
+        return {}
+    gold, groups, length = ref["gold"], ref["prompt_id"], results["length"]["scores"]
+    return {k: dict(gold=within_prompt_spearman(r["scores"], gold, groups),
+                    length=within_prompt_spearman(r["scores"], length, groups))
+            for k, r in results.items() if "scores" in r and len(r["scores"]) == len(gold)}
+
+
 def report(stem, saved):
     results = saved["results"]
+    saved["meta"]["rank_diagnostics"] = rank_diagnostics(results, saved["meta"])
     comparison, falls = compare(results)
     saved["comparison"], saved["probe_falls"] = comparison, falls
     stem.with_suffix(".md").write_text(markdown(results, comparison, falls, saved["meta"]))
@@ -379,6 +453,8 @@ def main(argv=None):
     parser.add_argument("--out", default=str(RESULTS / "bon"))
     parser.add_argument("--replot", action="store_true", help="only redraw the table and PNG from bon.json")
     parser.add_argument("--smoke", action="store_true", help="tiny random backbone, tiny bounds: checks the code path")
+    parser.add_argument("--fitted", default=None, help="save fitted models in this folder and reuse them "
+                        "(they depend on the training set only: fit while the candidates are still being warmed)")
     parser.add_argument("--note", action="append", default=[], help="a line added under the table")
     parser.add_argument("--n-pairs", type=int, default=None, help="override BOUNDS['n_pairs'] (a prefix)")
     parser.add_argument("--n-prompts", type=int, default=None, help="override BOUNDS['n_prompts'] (a prefix)")
@@ -398,6 +474,8 @@ def main(argv=None):
     import torch
     from threadpoolctl import threadpool_limits
 
+    from rmkit._backbones import resolve_dtype
+
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads)
     bon, train, ratings, info = load_data(bounds)
@@ -406,24 +484,32 @@ def main(argv=None):
         return warm(bon, train, ratings)
     t0 = time.time()
     ctx = Context(bon, train, ratings, backbone=backbone)
+    ctx.fitted_dir = args.fitted
     saved = json.loads(stem.with_suffix(".json").read_text()) if args.merge else {"results": {}, "meta": {}}
     seconds = saved["meta"].get("model_seconds", {})
     for name in args.models:
         t = time.time()
         for key, scores in MODELS[name](ctx).items():
             saved["results"][key] = evaluate(scores, bon, bounds)
+            saved["results"][key]["scores"] = np.asarray(scores, dtype=float).tolist()
             g = saved["results"][key]["table"]["gold"]
             print(f"{LABELS[key]:45s} " + "  ".join(f"@{n} {v:.3f}" for n, v in zip(N_VALUES, g)), flush=True)
         seconds[name] = time.time() - t
+    if "scores" not in saved["results"].get("length", {}):  # the length diagnostic needs the token counts
+        lengths = longer_wins(ctx)["length"]
+        saved["results"]["length"] = dict(evaluate(lengths, bon, bounds), scores=np.asarray(lengths, float).tolist())
     order = [k for k in LABELS if k in saved["results"]]
     saved["results"] = {k: saved["results"][k] for k in order}
     meta = saved["meta"]
+    meta["candidates"] = dict(gold=bon[GOLD].astype(float).tolist(), prompt_id=bon["prompt_id"].astype(str).tolist())
     if args.note:
         meta["notes"] = meta.get("notes", []) + args.note
     meta.update(data=info, bounds=bounds, n_train_pairs=len(train), n_ratings=len(ratings),
                 backbone=ctx.featurizer.backbone, model_seconds=seconds,
                 seconds=sum(seconds.values()) if args.merge else time.time() - t0,
-                machine=f"{platform.machine()}, {torch.get_num_threads()} torch threads, 2 shared cores")
+                machine=f"{platform.machine()}, {torch.get_num_threads()} torch threads, 2 shared cores",
+                fit_seconds={**meta.get("fit_seconds", {}), **ctx.fit_seconds}, cpu=cpu_model(),
+                dtype=str(resolve_dtype(ctx.featurizer.dtype, ctx.featurizer.device)).removeprefix("torch."))
     meta.update({k: v for k, v in ctx.notes.items()})
     stem.parent.mkdir(parents=True, exist_ok=True)
     report(stem, saved)
