@@ -41,7 +41,7 @@ FEATURIZER = dict(layer=LAYER, max_length=512, dtype="auto", batch_size=16)  # a
 # filled with, so the learned rows cost no new featurizing) minus every pair / rated row whose prompt is a
 # best-of-N prompt. Only the candidates need new backbone passes (AlpacaEval responses: ~300-500 tokens each);
 # n_prompts is a prefix of a seeded permutation of the prompts, so a larger run reuses a smaller one's cache.
-BOUNDS = dict(n_prompts=40, n_draws=200, n_boot=1000)
+BOUNDS = dict(n_prompts=399, n_draws=200, n_boot=1000)  # all prompts (fits on a 2-core CPU: see bon.md)
 GOLD = "gold_turbo"
 N_VALUES = (1, 2, 4, 8, 16)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -440,7 +440,7 @@ def report(stem, saved):
     comparison, falls = compare(results)
     saved["comparison"], saved["probe_falls"] = comparison, falls
     stem.with_suffix(".md").write_text(markdown(results, comparison, falls, saved["meta"]))
-    stem.with_suffix(".json").write_text(json.dumps(saved, indent=1, default=float))
+    stem.with_suffix(".json").write_text(json.dumps(saved, default=float))  # one line: per-candidate scores
     write_plot(stem, results)
 
 
@@ -471,8 +471,11 @@ def main(argv=None):
         bounds = dict(bounds, n_pairs=args.n_pairs)
     if args.n_prompts:
         bounds = dict(bounds, n_prompts=args.n_prompts)
-    if args.replot:
-        return report(stem, json.loads(stem.with_suffix(".json").read_text()))
+    if args.replot:  # --note replaces the notes under the table
+        saved = json.loads(stem.with_suffix(".json").read_text())
+        if args.note:
+            saved["meta"]["notes"] = args.note
+        return report(stem, saved)
     import torch
     from threadpoolctl import threadpool_limits
 
@@ -493,7 +496,7 @@ def main(argv=None):
         t = time.time()
         for key, scores in MODELS[name](ctx).items():
             saved["results"][key] = evaluate(scores, bon, bounds)
-            saved["results"][key]["scores"] = np.asarray(scores, dtype=float).tolist()
+            saved["results"][key]["scores"] = [float(f"{v:.6g}") for v in np.asarray(scores, dtype=float)]
             g = saved["results"][key]["table"]["gold"]
             print(f"{LABELS[key]:45s} " + "  ".join(f"@{n} {v:.3f}" for n, v in zip(N_VALUES, g)), flush=True)
         seconds[name] = time.time() - t
