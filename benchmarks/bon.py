@@ -8,17 +8,20 @@ candidates per prompt (with replacement, 200 seeded draws), picks the
 highest-reward one and reports its mean gold score against N and against
 KL_bon = log N - (N - 1) / N, with a 95% bootstrap interval over prompts.
 
-Reward models are trained on ``pairwise_train.jsonl.gz`` with every prompt of
-the best-of-N file removed (they occur there as ``alpaca_eval:*`` pairs);
+Reward models are trained on ``benchmarks/quality.py``'s training sample of
+``pairwise_train.jsonl.gz`` (whose features its runs cached) with every prompt
+of the best-of-N file removed (they occur there as ``alpaca_eval:*`` pairs);
 the rated rows of ArmoRM likewise. Features come from one
-:class:`rmkit.BackboneFeaturizer` (layer 10, bfloat16, max 512 tokens) and its
-on-disk cache, so every model reuses one backbone pass per text.
+:class:`rmkit.BackboneFeaturizer` (layer 10, ``dtype="auto"``: float32 on a CPU
+without native bfloat16, max 512 tokens) and its on-disk cache, so every model
+reuses one backbone pass per text.
 
 Usage::
 
-    python benchmarks/bon.py --warm              # only fill the feature cache
-    python benchmarks/bon.py                     # table + curves
-    python benchmarks/bon.py --models bt_probe length
+    python benchmarks/bon.py --warm              # only fill the feature cache (resumable)
+    python benchmarks/bon.py --fitted DIR        # table + curves; fitted models saved in / reused from DIR
+    python benchmarks/bon.py --models dmoerm --merge
+    python benchmarks/bon.py --replot --note ... # redraw from bon.json, replacing the notes
 
 Results go to ``benchmarks/results/bon.md``, ``.json`` and ``bon.png``.
 """
