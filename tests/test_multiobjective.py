@@ -188,3 +188,13 @@ def test_wrong_layout_is_refused_with_a_clear_error_instead_of_training():
         MultiObjectiveRegressor().fit(same)
     with pytest.raises(ValueError, match="all values are missing"):
         MultiObjectiveRegressor().fit(P, sources=[None] * 40)
+
+
+def test_cross_fit_by_source_accepts_pairs_without_a_source():
+    """Pairs with no source (None) are no objective's; the stratified folds must not choke on them (pandas 3)."""
+    rng = np.random.RandomState(9)
+    P = _pair_frame(rng, 90, 4, rng.normal(size=4))
+    sources = np.array(["a", "b", None] * 30, dtype=object)
+    oof = MultiObjectiveRegressor(cross_fit=3, random_state=0).fit_transform(P, sources=sources)
+    assert [c for c in oof.columns if c.startswith("chosen:r:")] == ["chosen:r:a", "chosen:r:b"]
+    assert np.isfinite(oof.filter(like=":r:").to_numpy()).all()

@@ -347,7 +347,8 @@ class MultiObjectiveRegressor(TransformerMixin, RegressorMixin, BaseEstimator):
         if isinstance(self.cross_fit, numbers.Integral) and sources is not None:
             # folds by prompt that keep every source in every training fold where the prompts allow it
             cv = StratifiedGroupKFold(int(self.cross_fit), shuffle=True, random_state=seed)
-            strata = pd.Series(sources).astype(str).to_numpy()
+            # one stratum per source, pairs without one (None/NaN) together: plain strings sort (pandas 3 keeps NaN)
+            strata = np.asarray(["" if pd.isna(v) else f"s:{v}" for v in pd.Series(sources, dtype=object)])
         else:
             cv, strata = check_prompt_cv(self.cross_fit, random_state=seed), None
         parts, order, filled = [], [], {}
