@@ -175,6 +175,7 @@ def curve_plot(res, meta, path):
         ax.errorbar(sizes, y, yerr=e, marker="o", capsize=3, label=res[str(sizes[0])]["models"][name]["label"])
     ax.set_xscale("log")
     ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.minorticks_off()
     ax.set_xlabel("training pairs")
     ax.set_ylabel("RewardBench-style overall (%)")
     ax.set_title(f"Learning curves ({meta['dtype']}, {meta['cpu'].split(',')[0]})")
@@ -191,7 +192,16 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="which prompt groups flip")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--replot", metavar="JSON", help="only redraw the table (and chart) of an earlier run's JSON")
     args = parser.parse_args(argv)
+    if args.replot:
+        stem, saved = Path(args.replot).with_suffix(""), json.loads(Path(args.replot).read_text())
+        res, meta = saved["results"], saved["meta"]
+        md = noise_markdown(res, meta) if meta["experiment"] == "noise" else curve_markdown(res, meta)
+        stem.with_suffix(".md").write_text(md)
+        if meta["experiment"] == "curve":
+            curve_plot(res, meta, stem.with_suffix(".png"))
+        return
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads)
     t0 = time.time()
