@@ -80,17 +80,45 @@ ARMORM_GATING = dict(hidden_size=128, n_hidden_layers=2, dropout=0.2, temperatur
                      max_epochs=60, batch_size=128, validation_fraction=0.1, patience=10)
 ARMORM_DECORRELATION = dict(threshold=0.03, drop_verbosity=True)
 
+# ArmoRM as its authors ran it (RLHFlow's reference code, stage 2): gating temperature 10, 3 hidden layers of
+# 1024, ~2000 AdamW steps of batch 1024 without early stopping, verbosity threshold 0.028, ridge alpha grid
+# 1e-4..1e4 (``MultiObjectiveRegressor``'s default grid). Steps = max_epochs x ceil(n_pairs / batch_size):
+# ``max_epochs`` is derived from the number of training pairs in ``armorm_reference`` below.
+ARMORM_REFERENCE_STEPS = 2000
+ARMORM_REFERENCE_GATING = dict(hidden_size=1024, n_hidden_layers=3, dropout=0.2, temperature=10.0, lr=1e-3,
+                               batch_size=1024, validation_fraction=None)
+ARMORM_REFERENCE_DECORRELATION = dict(threshold=0.028, drop_verbosity=True)
 
-def pair_objective(row):
-    """Which pairwise objective a training pair belongs to (one per source / RMB scenario family)."""
+# RMB helpfulness scenarios with fewer training pairs than this share one "other" objective (fine split).
+MIN_SCENARIO_PAIRS = 40
+
+
+def pair_objective(row, fine=False):
+    """Which pairwise objective a training pair belongs to.
+
+    Coarse (``fine=False``): one per source family (RMB helpfulness, RMB harmlessness, AlpacaEval, UltraFeedback).
+    Fine: one per RMB helpfulness scenario (``Helpfulness/Code``, ...), RMB harmlessness, one per AlpacaEval judge
+    (GPT-4, GPT-4-turbo), UltraFeedback.
+    """
     src = str(row["source"])
     if src.startswith("rmb"):
-        return "rmb_" + str(row["category"]).split("/")[0].lower()
+        parts = str(row["category"]).split("/")
+        if fine and parts[0].lower() == "helpfulness" and len(parts) > 1:
+            return "rmb_help_" + parts[1].lower().replace(" ", "_")
+        return "rmb_" + parts[0].lower()
     if src.startswith("alpaca_eval"):
-        return "alpaca_eval"
+        return ("alpaca_eval_" + ("gpt4_turbo" if "turbo" in src else "gpt4")) if fine else "alpaca_eval"
     if src.startswith("ultrafeedback"):
         return "ultrafeedback"
     return None
+
+
+def fine_objectives(train):
+    """The fine objective column, small RMB helpfulness scenarios pooled into ``rmb_help_other``."""
+    fine = train.apply(pair_objective, axis=1, fine=True)
+    counts = fine.value_counts()
+    small = fine.str.startswith("rmb_help_") & fine.map(counts).lt(MIN_SCENARIO_PAIRS)
+    return fine.where(~small, "rmb_help_other")
 
 
 def text_frame(df, kind):
@@ -163,22 +191,96 @@ def armorm_model(data, **overrides):
                   random_state=data.seed, **overrides)
 
 
-def armorm(data):
-    """(c) ArmoRM: stage 1 + verbosity decorrelation (length-derived) + gating."""
-    train = text_frame(data.train, "pairs").assign(objective=data.train["objective"].to_numpy())
-    model = armorm_model(data).fit(train, ratings=text_frame(data.ratings, "pointwise").join(
+def gate_stats(model, eval_pairs):
+    """How the fitted gate mixes on the evaluation prompts.
+
+    Gating weights depend on the prompt only, so each evaluation prompt counts once: the mean entropy (nats)
+    of the gating softmax, the same divided by ``log k`` (1 = uniform), the mean largest weight, the mean
+    weight per gated objective (verbosity included where the gate sees it).
+    """
+    ex = model.explain(eval_pairs, as_frame=False)["chosen"]
+    names = list(model.objective_names_)
+    W = pd.DataFrame(ex["gating_weights"], columns=names).dropna(axis=1, how="all")
+    W = W[~pd.Series(eval_pairs["prompt"].to_numpy()).duplicated().to_numpy()]
+    g = W.to_numpy()
+    H = -(g * np.log(np.clip(g, 1e-12, None))).sum(1)
+    k = g.shape[1]
+    return dict(gate_entropy=float(H.mean()), gate_entropy_stderr=float(H.std(ddof=1) / np.sqrt(len(H))),
+                gate_entropy_max=float(np.log(k)), gate_entropy_normalised=float(H.mean() / np.log(k)),
+                gate_max_weight=float(g.max(1).mean()), n_gated=int(k), n_prompts=int(len(H)),
+                mean_weights={c: float(W[c].mean()) for c in W.columns},
+                verbosity_weight=float(W["verbosity"].mean()) if "verbosity" in W else None)
+
+
+def fit_armorm(data, key, objective="objective", **overrides):
+    """Fit an ArmoRM variant, keep its fitted summary under ``data.cache[key]``, score the evaluation pairs."""
+    train = text_frame(data.train, "pairs").assign(objective=data.train[objective].to_numpy())
+    model = armorm_model(data, **overrides).fit(train, ratings=text_frame(data.ratings, "pointwise").join(
         data.ratings[RATING_COLUMNS]))
-    s = model.reward_pairs(text_frame(data.eval, "pairs"))
-    data.cache["armorm_model"] = model
+    ev = text_frame(data.eval, "pairs")
+    s = model.reward_pairs(ev)
+    gate = model.gating_
+    batches = int(np.ceil(len(train) * (1 - (gate.validation_fraction or 0)) / gate.batch_size))
+    data.cache[key] = dict(objectives=list(model.objective_names_), gated=list(model.gated_names_),
+                           gating={k: v for k, v in gate.get_params().items() if k not in ("device", "verbose")},
+                           decorrelation=dict(threshold=model.decorrelator_.threshold,
+                                              drop_verbosity=model.decorrelator_.drop_verbosity),
+                           lambdas=model.decorrelator_.lambdas_.tolist(),
+                           spearman_before=model.decorrelator_.spearman_before_.tolist(),
+                           spearman_after=model.decorrelator_.spearman_after_.tolist(),
+                           beta=float(gate.module_.beta.detach()), epochs=len(gate.history_),
+                           steps=int(len(gate.history_) * batches), **gate_stats(model, ev))
+    data.cache.setdefault("models", {})[key] = model
     return s[:, 0], s[:, 1]
+
+
+def armorm(data):
+    """(c) ArmoRM, tuned settings: stage 1 + verbosity decorrelation (length-derived, dropped) + gating."""
+    return fit_armorm(data, "armorm")
+
+
+def armorm_verbosity(data):
+    """(c') ArmoRM, tuned settings, the verbosity objective kept in the gate (``drop_verbosity=False``)."""
+    return fit_armorm(data, "armorm_verbosity", decorrelation=dict(drop_verbosity=False))
+
+
+def armorm_fine(data):
+    """(c'') ArmoRM, tuned settings, one BT objective per RMB helpfulness scenario and per AlpacaEval judge."""
+    return fit_armorm(data, "armorm_fine", objective="objective_fine")
+
+
+def reference_gating(n_pairs, steps=None):
+    """The reference gating settings, ``max_epochs`` set so that training takes ~``steps`` AdamW steps
+    (default ``ARMORM_REFERENCE_STEPS``; ``--reference-steps`` lowers it where the CPU cannot afford it)."""
+    steps = steps or ARMORM_REFERENCE_STEPS
+    batches = int(np.ceil(n_pairs / ARMORM_REFERENCE_GATING["batch_size"]))
+    return {**ARMORM_REFERENCE_GATING, "max_epochs": max(1, round(steps / batches))}
+
+
+def armorm_reference(data):
+    """(r) ArmoRM with the reference code's settings (tau 10, 3x1024 MLP, ~2000 steps of batch 1024, thr 0.028)."""
+    return fit_armorm(data, "armorm_ref", gating=reference_gating(len(data.train), data.cache.get("reference_steps")),
+                      decorrelation=ARMORM_REFERENCE_DECORRELATION)
+
+
+def armorm_reference_verbosity(data):
+    """(r') The reference settings with the verbosity objective kept in the gate."""
+    return fit_armorm(data, "armorm_ref_verbosity",
+                      gating=reference_gating(len(data.train), data.cache.get("reference_steps")),
+                      decorrelation={**ARMORM_REFERENCE_DECORRELATION, "drop_verbosity": False})
 
 
 MODELS = {
     "length": ("(0) longer response wins", longer_wins),
     "bt_probe": ("(a) BT linear probe", bt_probe),
     "objective_mean": ("(b) mean of objectives", objective_mean),
-    "armorm": ("(c) ArmoRM", armorm),
+    "armorm": ("(c) ArmoRM, tuned", armorm),
+    "armorm_verbosity": ("(c') ArmoRM, tuned, verbosity kept", armorm_verbosity),
+    "armorm_fine": ("(c'') ArmoRM, tuned, per-scenario BT", armorm_fine),
+    "armorm_ref": ("(r) ArmoRM, reference settings", armorm_reference),
+    "armorm_ref_verbosity": ("(r') ArmoRM, reference, verbosity kept", armorm_reference_verbosity),
 }
+GATED = [m for m in MODELS if m.startswith("armorm")]
 
 
 # -- DMoERM and a single LoRA reward model: same pairs, same LoRA settings, ~same LoRA pair passes -----
@@ -269,6 +371,7 @@ def load_data(config, eval_path, layer, seed=0):
     if cfg["n_eval"] and cfg["n_eval"] < len(ev):
         ev = ev.sample(n=cfg["n_eval"], random_state=seed).reset_index(drop=True)
     train = train.assign(objective=train.apply(pair_objective, axis=1)).reset_index(drop=True)
+    train["objective_fine"] = fine_objectives(train)
     feat = BackboneFeaturizer(layer=layer, max_length=512, dtype="auto", batch_size=16, verbose=1).fit()
     return BenchData(feat, train, ratings.reset_index(drop=True), ev, cv=cfg["cv"], seed=seed)
 
@@ -278,15 +381,18 @@ SUBSETS = ["xstest-should-respond", "alpacaeval-length", "llmbar-adver-neighbor"
 
 
 def markdown(results, meta):
-    head = ["model", "overall"] + SECTIONS + SUBSETS
+    head = ["model", "overall"] + SECTIONS + ["gate entropy"] + SUBSETS
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         s = r["scores"]
         cells = [r["label"], f"{100 * s['overall']:.1f} ± {100 * s['overall_stderr']:.1f}"]
         cells += [f"{100 * s['sections'][k]:.1f} ± {100 * s['section_stderr'][k]:.1f}" if k in s["sections"]
                   else "–" for k in SECTIONS]
+        f = r.get("fitted")
+        cells.append(f"{f['gate_entropy']:.2f} ± {f['gate_entropy_stderr']:.2f}" if f else "–")
         cells += [f"{100 * s['subsets'][k]:.1f}" if k in s["subsets"] else "–" for k in SUBSETS]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += gating_table(results)
     notes = [
         f"# Reward-model quality ({meta['config']} config)",
         "",
@@ -303,10 +409,131 @@ def markdown(results, meta):
         *lines,
         *lora_notes(meta),
         "",
-        f"Generated by `python benchmarks/quality.py --config {meta['config']}` "
+        "Seconds per row (fit + scoring, features from the cache): " + ", ".join(
+            f"{r['label']} {r.get('seconds', float('nan')):.0f}" for r in results.values()) + ".",
+        "",
+        *reference_notes(results, meta),
+        f"Generated by `python benchmarks/quality.py --config {meta['config']}"
+        + (f" --reference-steps {meta['reference_steps']}" if meta.get("reference_steps") else "") + "` "
         f"({meta['seconds']:.0f} s, {meta['machine']}).",
     ]
     return "\n".join(notes) + "\n"
+
+
+def reference_notes(results, meta):
+    """What the ArmoRM rows are, and where the reference row departs from the reference code."""
+    out = ["ArmoRM rows: stage 1 = ridge probes on the 3 rated attributes + one Bradley–Terry probe per pair source "
+           "family (RMB helpfulness, RMB harmlessness, AlpacaEval, UltraFeedback; the per-scenario row splits RMB "
+           "helpfulness into its scenarios and AlpacaEval into its two judges), cross-fitted by prompt group; "
+           "verbosity = standardised log token count; ridge/logistic penalty grid 1e-4..1e4. Tuned gate: "
+           + ", ".join(f"{k} {v}" for k, v in ARMORM_GATING.items())
+           + f"; decorrelation {ARMORM_DECORRELATION}."]
+    ref = results.get("armorm_ref", {}).get("fitted")
+    if ref:
+        out[0] += (f" Reference row: temperature 10, 3 hidden layers of 1024, dropout 0.2, AdamW lr 1e-3 "
+                   f"(weight decay {ref['gating']['weight_decay']}, the library default), batch 1024, no early "
+                   f"stopping, verbosity threshold 0.028, {ref['steps']} steps ({ref['epochs']} epochs)")
+        if ref["steps"] < ARMORM_REFERENCE_STEPS:
+            out[0] += (f": the reference code's {ARMORM_REFERENCE_STEPS} steps of batch 1024 would be "
+                       f"{ARMORM_REFERENCE_STEPS // 2} passes over these 2000 pairs, ~1.3 s a step on this shared "
+                       "2-core CPU, so the run was capped with `--reference-steps`")
+        out[0] += "."
+    return ["", out[0], ""] if "armorm" in results or ref else []
+
+
+def gating_table(results):
+    """How each gated model mixes its objectives on the evaluation prompts, and how it was trained."""
+    rows = [(r["label"], r["fitted"]) for r in results.values() if r.get("fitted")]
+    if not rows:
+        return []
+    out = ["", "Gates on the evaluation prompts (each prompt once): mean entropy of the gating softmax in nats "
+           "± one standard error (0 = one-hot, log k = uniform), the same divided by log k, the mean largest "
+           "weight, the mean weight on the verbosity objective (– where `drop_verbosity=True` leaves it out of "
+           "the gate) and the largest mean weights; training steps of the gate and its learned scale β.", "",
+           "| model | k | entropy | entropy / log k | max weight | verbosity weight | top mean weights | "
+           "τ | MLP | steps | β |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, f in rows:
+        g = f["gating"]
+        top = sorted(f["mean_weights"].items(), key=lambda kv: -kv[1])[:3]
+        vw = "–" if f["verbosity_weight"] is None else f"{f['verbosity_weight']:.3f}"
+        out.append(f"| {label} | {f['n_gated']} | {f['gate_entropy']:.3f} ± {f['gate_entropy_stderr']:.3f} | "
+                   f"{f['gate_entropy_normalised']:.3f} | {f['gate_max_weight']:.3f} | {vw} | "
+                   + ", ".join(f"{k} {v:.3f}" for k, v in top) +
+                   f" | {g['temperature']:g} | {g['n_hidden_layers']}×{g['hidden_size']} | {f['steps']} "
+                   f"({f['epochs']} epochs × batch {g['batch_size']}) | {f['beta']:.2f} |")
+    return out
+
+
+def length_controlled(data, scores):
+    """Accuracy on the evaluation pairs split by whether the chosen response is shorter or longer (tokens).
+
+    ``scores``: name -> (label, chosen_scores, rejected_scores). Plain pair accuracy within each bucket (all
+    non-Extra sections pooled, ties wrong) ± its binomial standard error, plus the same per section.
+    """
+    n = len(data.eval)
+    L = response_token_lengths(list(data.eval["chosen"]) + list(data.eval["rejected"]), data.featurizer.backbone)
+    Lc, Lr = np.asarray(L[:n]), np.asarray(L[n:])
+    buckets = {"chosen shorter": Lc < Lr, "chosen longer": Lc > Lr, "same length": Lc == Lr}
+    cats = data.eval["category"].to_numpy()
+    out = {"_buckets": {k: int(v.sum()) for k, v in buckets.items()},
+           "_sections": {b: {sec: int((m & (cats == sec)).sum()) for sec in SECTIONS} for b, m in buckets.items()}}
+    for name, (label, c, r) in scores.items():
+        ok = np.asarray(c) > np.asarray(r)
+        row = {"label": label}
+        for b, m in buckets.items():
+            acc = float(ok[m].mean()) if m.any() else float("nan")
+            row[b] = dict(accuracy=acc, stderr=float(np.sqrt(acc * (1 - acc) / max(m.sum(), 1))), n=int(m.sum()),
+                          sections={sec: float(ok[m & (cats == sec)].mean()) if (m & (cats == sec)).any()
+                                    else None for sec in SECTIONS})
+        row["gap"] = row["chosen longer"]["accuracy"] - row["chosen shorter"]["accuracy"]
+        row["gap_stderr"] = float(np.hypot(row["chosen longer"]["stderr"], row["chosen shorter"]["stderr"]))
+        out[name] = row
+    return out
+
+
+def length_markdown(length, meta):
+    nb = length["_buckets"]
+    head = ["model", f"chosen shorter (n={nb['chosen shorter']})", f"chosen longer (n={nb['chosen longer']})",
+            "longer − shorter", f"same length (n={nb['same length']})"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    sec_head = ["model"] + [f"{sec} shorter / longer" for sec in SECTIONS]
+    sec_lines = ["| " + " | ".join(sec_head) + " |", "|" + "---|" * len(sec_head)]
+    pct = lambda v: "–" if v is None or v != v else f"{100 * v:.1f}"
+    for name, row in length.items():
+        if name.startswith("_"):
+            continue
+        cell = lambda b: f"{100 * row[b]['accuracy']:.1f} ± {100 * row[b]['stderr']:.1f}"
+        lines.append(f"| {row['label']} | {cell('chosen shorter')} | {cell('chosen longer')} | "
+                     f"{100 * row['gap']:+.1f} ± {100 * row['gap_stderr']:.1f} | {cell('same length')} |")
+        sec_lines.append(f"| {row['label']} | " + " | ".join(
+            f"{pct(row['chosen shorter']['sections'][sec])} / {pct(row['chosen longer']['sections'][sec])}"
+            for sec in SECTIONS) + " |")
+    ns = length["_sections"]
+    text = [
+        f"# Length-controlled accuracy ({meta['config']} config)",
+        "",
+        f"Backbone `{meta['backbone']}`, layer {meta['layer']}, {meta['dtype']} features (`dtype=\"auto\"` on "
+        f"{meta['cpu']}). Same models and training data as `quality{'' if meta['config'] == 'full' else '_' + meta['config']}.md`; "
+        f"evaluation: the {meta['n_eval']} non-Extra pairs of `{meta['eval']}`, split by whether the chosen "
+        "response has fewer or more tokens (backbone tokenizer, response only) than the rejected one, as in "
+        "RewardBench's length categories.",
+        "",
+        "Plain pair accuracy in % within each bucket (sections pooled, not RewardBench-weighted; ties wrong) ± "
+        "one binomial standard error. A length-neutral model scores about the same in both buckets; "
+        "`longer − shorter` > 0 is a reward for length.",
+        "",
+        *lines,
+        "",
+        "Per section, accuracy in % where the chosen response is shorter / longer (pairs per section: "
+        + "; ".join(f"{sec} {ns['chosen shorter'][sec]} / {ns['chosen longer'][sec]}" for sec in SECTIONS) + "):",
+        "",
+        *sec_lines,
+        "",
+        f"Generated by `python benchmarks/quality.py --config {meta['config']}"
+        + (f" --reference-steps {meta['reference_steps']}" if meta.get("reference_steps") else "")
+        + "` (with `quality.md`; per-pair scores in `quality_length_scores.npz`).",
+    ]
+    return "\n".join(text) + "\n"
 
 
 def lora_notes(meta):
@@ -352,6 +579,8 @@ def main(argv=None):
                              "with --config lora_small)")
     parser.add_argument("--out", default=None, help="output stem (default benchmarks/results/quality[_small])")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (features are cached)")
+    parser.add_argument("--reference-steps", type=int, default=None,
+                        help=f"gate steps of the reference-settings rows (default {ARMORM_REFERENCE_STEPS})")
     parser.add_argument("--replot", metavar="JSON", help="only redraw the table and PNG of an earlier run's JSON")
     args = parser.parse_args(argv)
     if args.replot:  # redraw the table and chart of an earlier run
@@ -362,12 +591,16 @@ def main(argv=None):
     threadpool_limits(args.threads)  # BLAS threads too: oversubscribed cores make small fits crawl
     t0 = time.time()
     data = load_data(args.config, args.eval, args.layer)
-    results = {}
+    results, pair_scores = {}, {}
+    data.cache["reference_steps"] = args.reference_steps
     for name in args.models:
         label, build = MODELS[name]
         t = time.time()
         c, r = build(data)
         results[name] = {"label": label, "scores": rewardbench_scores(data.eval, c, r), "seconds": time.time() - t}
+        if name in data.cache and name in GATED:
+            results[name]["fitted"] = data.cache[name]
+        pair_scores[name] = (np.asarray(c, float), np.asarray(r, float))
         s = results[name]["scores"]
         print(f"{label:32s} overall {100 * s['overall']:.1f} ± {100 * s['overall_stderr']:.1f}  " +
               "  ".join(f"{k} {100 * v:.1f}" for k, v in s["sections"].items()), flush=True)
@@ -375,22 +608,25 @@ def main(argv=None):
                 n_train_pairs=len(data.train), n_ratings=len(data.ratings), n_eval=len(data.eval),
                 seconds=time.time() - t0, machine=f"{platform.machine()}, {torch.get_num_threads()} torch thread(s)",
                 dtype=str(resolve_dtype(data.featurizer.dtype, data.featurizer.device)).removeprefix("torch."),
-                cpu=cpu_model(),
-                armorm=dict(gating=ARMORM_GATING, decorrelation=ARMORM_DECORRELATION))
-    if "armorm_model" in data.cache:
-        m = data.cache["armorm_model"]
-        meta["armorm_fitted"] = dict(objectives=list(m.objective_names_), lambdas=m.decorrelator_.lambdas_.tolist(),
-                                     spearman_before=m.decorrelator_.spearman_before_.tolist(),
-                                     spearman_after=m.decorrelator_.spearman_after_.tolist(),
-                                     beta=float(m.gating_.module_.beta.detach()),
-                                     epochs=len(m.gating_.history_))
+                cpu=cpu_model(), reference_steps=args.reference_steps,
+                armorm=dict(gating=ARMORM_GATING, decorrelation=ARMORM_DECORRELATION),
+                armorm_reference=dict(gating=reference_gating(len(data.train), args.reference_steps),
+                                      decorrelation=ARMORM_REFERENCE_DECORRELATION),
+                objectives_fine=data.train["objective_fine"].value_counts().to_dict())
     meta.update({k: data.cache[k] for k in ("dmoerm", "single_lora") if k in data.cache})
     stem = Path(args.out) if args.out else RESULTS / ("quality" if args.config == "full" else f"quality_{args.config}")
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".md").write_text(markdown(results, meta))
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=float))
+    length_stem = stem.with_name(stem.name.replace("quality", "quality_length", 1))
+    np.savez_compressed(length_stem.with_name(length_stem.name + "_scores.npz"),
+                        **{f"{n}__{side}": v for n, cr in pair_scores.items() for side, v in zip("cr", cr)})
+    stem.with_suffix(".md").write_text(markdown(results, meta))
     write_plot(stem, results)
-    print(f"wrote {stem.with_suffix('.md')}, .json and .png")
+    length = length_controlled(data, {n: (results[n]["label"], *pair_scores[n]) for n in results})
+    length_stem.with_suffix(".md").write_text(length_markdown(length, meta))
+    length_stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": length}, indent=1,
+                                                           default=float))
+    print(f"wrote {stem.with_suffix('.md')}, .json and .png; {length_stem.with_suffix('.md')}")
     return results
 
 
