@@ -41,18 +41,18 @@ from rmkit import (
     ObjectiveUnion,
     VerbosityDecorrelator,
 )
-from rmkit.backbones._loading import resolve_dtype
+from rmkit.backbones import resolve_dtype
 from rmkit.datasets import load_eval, load_pairwise, load_ratings
 from rmkit.layout import read_layout, select_side
 from rmkit.metrics import rewardbench_scores
-from rmkit.objectives._armorm import response_token_lengths
+from rmkit.objectives import response_token_lengths
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def cpu_model():
     """The CPU's model name and whether it runs bfloat16 natively (printed in every table)."""
-    from rmkit.backbones._loading import cpu_has_native_bf16
+    from rmkit.backbones import cpu_has_native_bf16
 
     try:
         name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()

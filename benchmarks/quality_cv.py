@@ -28,8 +28,8 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as Q  # noqa: E402
 
-from rmkit._armorm import response_token_lengths  # noqa: E402
-from rmkit._backbones import resolve_dtype  # noqa: E402
+from rmkit.objectives import response_token_lengths  # noqa: E402
+from rmkit.backbones import resolve_dtype  # noqa: E402
 from rmkit.model_selection import PromptGroupKFold  # noqa: E402
 
 VARIANTS = {

@@ -43,12 +43,12 @@ def pairs():
     return make_preference_pairs(60, random_state=0)
 
 
-def armorm_pipeline(featurizer, **gate):
+def armorm_pipeline(featurizer, drop_verbosity=True, **gate):
     """The README's ArmoRM as a Pipeline of public parts."""
     return Pipeline([
         ("featurizer", clone(featurizer)),
         ("probes", MultiObjectiveRegressor(cross_fit=2, random_state=0)),
-        ("decorrelator", VerbosityDecorrelator()),
+        ("decorrelator", VerbosityDecorrelator(drop_verbosity=drop_verbosity)),
         ("gate", GatedScalarizer(**{**GATE, **gate})),
     ])
 
@@ -56,7 +56,7 @@ def armorm_pipeline(featurizer, **gate):
 @pytest.mark.slow
 def test_readme_pipeline_fit_predict_save_load_joblib(featurizer, pairs, tmp_path):
     pipe = armorm_pipeline(featurizer).fit(pairs, probes__sources=pairs["category"])
-    assert list(pipe.named_steps["gate"].objective_names_) == ["math", "safety", "relevance", "verbosity"]
+    assert list(pipe.named_steps["gate"].objective_names_) == ["math", "safety", "relevance"]
     rc, rr = pipe.predict(_side(pairs, "chosen")), pipe.predict(_side(pairs, "rejected"))
     np.testing.assert_allclose(pipe.decision_function(pairs), rc - rr, atol=1e-5)
     assert pipe.score(pairs) == np.mean(rc > rr)
@@ -84,7 +84,7 @@ def test_stock_scorers_work_on_labelled_pairs(featurizer, pairs):
 
 @pytest.mark.slow
 def test_voting_and_stacking_regressors_accept_rmkit_models(featurizer, pairs):
-    a = armorm_pipeline(featurizer)
+    a = armorm_pipeline(featurizer, drop_verbosity=False)  # one pairwise objective (no sources) and verbosity
     b = ArmoRM(featurizer, pair_objective_column="category", gating=GatedScalarizer(**GATE), cv=None, random_state=0)
     rows = _side(pairs, "chosen")
     vote = VotingRegressor([("pipeline", a), ("recipe", b)]).fit(pairs, np.ones(len(pairs)))
@@ -117,10 +117,10 @@ def test_probes_and_lora_experts_under_one_prompt_conditioned_gate(tiny, featuri
     ])
     mixed.fit(pairs, objectives__sources=pairs["category"])
     gate = mixed.named_steps["gate"]
-    assert list(gate.objective_names_) == ["quality", "math", "safety", "relevance", "brevity", "verbosity"]
+    assert list(gate.objective_names_) == ["quality", "math", "safety", "relevance", "brevity"]
     rows = _side(pairs, "chosen")
     out = gate.explain(mixed[:-1].transform(rows))
-    assert out["gating_weights"].shape == (60, 6)
+    assert out["gating_weights"].shape == (60, 5)
     np.testing.assert_allclose(out["gating_weights"].sum(1), 1, atol=1e-6)
     np.testing.assert_allclose(out["score"], mixed.predict(rows), atol=1e-5)
     # the LoRA objective is the experts' own reward, carried by name

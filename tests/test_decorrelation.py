@@ -8,7 +8,7 @@ from rmkit import VerbosityDecorrelator
 from rmkit.objectives._decorrelation import DEFAULT_LAMBDAS
 
 
-@parametrize_with_checks([VerbosityDecorrelator(verbosity=-1), VerbosityDecorrelator(verbosity=-1, drop_verbosity=True)])
+@parametrize_with_checks([VerbosityDecorrelator(verbosity=-1), VerbosityDecorrelator(verbosity=-1, drop_verbosity=False)])
 def test_sklearn_compatible(estimator, check):
     check(estimator)
 
@@ -44,15 +44,15 @@ def test_spearman_brought_under_threshold_with_smallest_lambda(threshold):
 
 def test_transform_matrix_structure_and_drop():
     R = _rewards()
-    dec = VerbosityDecorrelator("verbosity").fit(R)
+    dec = VerbosityDecorrelator("verbosity", drop_verbosity=False).fit(R)
     T = dec.transform_matrix_
     expected = np.eye(4)
     expected[3, :3] = -dec.lambdas_[:3]
     np.testing.assert_allclose(T, expected)
     np.testing.assert_allclose(dec.transform(R), R.to_numpy() @ T)
     np.testing.assert_allclose(dec.transform(R)[:, 3], R["verbosity"])
-    dropped = VerbosityDecorrelator("verbosity", drop_verbosity=True).fit(R)
-    assert dropped.transform_matrix_.shape == (4, 3)
+    dropped = VerbosityDecorrelator("verbosity").fit(R)  # the default: nothing downstream sees length itself
+    assert dropped.drop_verbosity and dropped.transform_matrix_.shape == (4, 3)
     assert list(dropped.get_feature_names_out()) == ["helpful", "honest", "concise"]
     np.testing.assert_allclose(dropped.transform(R), dec.transform(R)[:, :3])
 
@@ -96,7 +96,7 @@ def test_frame_mode_derives_verbosity_from_token_counts_and_carries_the_prompt_b
     assert dec.lambdas_[0] > 0 and dec.spearman_after_[0] <= 0.03 < dec.spearman_before_[0]
     out = dec.transform(R)
     lay = read_layout(out, step="test")
-    assert lay.names("chosen", "r") == ["quality", "other", "verbosity"]
+    assert lay.names("chosen", "r") == ["quality", "other"]  # verbosity itself is left out by default
     np.testing.assert_allclose(lay.block(out, "prompt", "h", np.float64), prompt)  # carried through
     v = (lc - dec.length_mean_) / dec.length_scale_
     np.testing.assert_allclose(out["chosen:r:quality"], quality_c - dec.lambdas_[0] * v, rtol=1e-6)

@@ -66,9 +66,13 @@ class VerbosityDecorrelator(TransformerMixin, BaseEstimator):
         transform.
     lambdas : array-like, default=None
         Non-negative, increasing grid; ``None`` is ``0, 0.01, ..., 5``.
-    drop_verbosity : bool, default=False
+    drop_verbosity : bool, default=True
         Leave the verbosity objective out of the output (``T`` then has one
         column fewer), so nothing downstream can reward length directly.
+        ``False`` hands the gate a pure length signal: on length-biased
+        training pairs it then puts much of its weight there (0.45 of it in
+        ``benchmarks/results/quality.md``), paying for length on the pairs
+        where the shorter answer is the better one.
 
     Attributes
     ----------
@@ -98,7 +102,7 @@ class VerbosityDecorrelator(TransformerMixin, BaseEstimator):
     (True, np.True_)
     """
 
-    def __init__(self, verbosity="length", *, threshold=0.03, lambdas=None, drop_verbosity=False):
+    def __init__(self, verbosity="length", *, threshold=0.03, lambdas=None, drop_verbosity=True):
         self.verbosity = verbosity
         self.threshold = threshold
         self.lambdas = lambdas

@@ -167,7 +167,9 @@ class GatedScalarizer(PairwiseNetEstimator):
     def _learn_input_stats(self, lay, X):
         names = lay.names(lay.sides[0], "r")
         if len(names) < 2:
-            raise ValueError(f"Gating needs at least two objectives to weight, got {names}.")
+            raise ValueError(f"Gating needs at least two objectives to weight, got {names}: add objective providers "
+                             "(e.g. sources= for one Bradley–Terry probe per source), or keep verbosity as an objective "
+                             "(VerbosityDecorrelator(drop_verbosity=False)).")
         prompt = lay.block(X, "prompt", "h")
         self.objective_names_ = np.asarray(names, dtype=object)
         self.n_objectives_, self.prompt_dim_ = len(names), prompt.shape[1]
