@@ -431,6 +431,17 @@ def model_notes(results, meta):
     if "armorm" in results:
         notes.append(f"ArmoRM: `benchmarks/quality.py`'s gating and decorrelation settings, cv = 3, rated objectives "
                      f"{meta.get('armorm_rating_columns')}, pair objectives {meta.get('armorm_pair_objectives')}.")
+    if "dmoerm" in results and meta.get("dmoerm"):
+        d = meta["dmoerm"]
+        lora = ", ".join(f"{k} {v}" for k, v in d["lora"].items())
+        notes.append(f"DMoERM: trained on the first {d['n_pairs']} of those training pairs only (its own bounds: "
+                     f"LoRA experts are trained and every candidate is scored through the backbone, no cached "
+                     f"feature applies), tasks {d['tasks']} (RMB harmlessness vs the rest; TF-IDF router, training "
+                     f"routing accuracy {d['routing_accuracy_train']:.2f}), experts preference / refusal / "
+                     f"conciseness with labels from the data's own columns ({d['labels']} labelled pairs; "
+                     "`quality.py`'s `dmoerm_frame`), 60/40 prompt split between the experts and the aggregator "
+                     f"MLP (64 hidden); LoRA: {lora} (top quarter of the layers adapted, shared frozen trunk; "
+                     "prompt + response truncated to max_length tokens: the prompt's start goes first, then the response's end).")
     if "length" in results:
         notes.append("Longer wins: the candidate with the most response tokens (backbone tokenizer) is picked.")
     return [" ".join(notes)] if notes else []
