@@ -134,6 +134,7 @@ def warm(bon, train, ratings, chunk=24):
 class Context:
     def __init__(self, bon, train, ratings, seed=0, backbone=None):
         self.bon, self.train, self.ratings, self.seed = bon, train, ratings, seed
+        self.backbone = backbone  # None: the embedded backbone; --smoke: a tiny one (also for the LoRA rows)
         self.featurizer = featurizer(backbone)
         self.pairs = train[["prompt", "chosen", "rejected"]].reset_index(drop=True)
         self.candidates = bon[["prompt", "response"]].reset_index(drop=True)
@@ -255,7 +256,7 @@ def dmoerm(ctx):
     from rmkit import CapabilityAggregator, CapabilityExperts, DMoERM
 
     n = DMOERM["n_pairs"]
-    lora = {**LORA, **DMOERM["lora"]}
+    lora = {**LORA, **DMOERM["lora"], **({} if ctx.backbone is None else {"backbone": ctx.backbone})}
     train = dmoerm_frame(ctx.train.head(n))
     model = DMoERM(["preference", "refusal", "conciseness"],
                    experts=CapabilityExperts(**lora, random_state=ctx.seed, verbose=0),
