@@ -186,6 +186,13 @@ def bt_probe(ctx):
     return {"bt_probe": ctx.fit("bt_probe", ctx.probe(), ctx.pairs).predict(ctx.candidates)}
 
 
+def bt_probe_dmoerm_pairs(ctx):
+    """The BT probe on DMoERM's training prefix only: separates the recipe from the smaller training set."""
+    n = DMOERM["n_pairs"]
+    return {"bt_probe_dmoerm_pairs": ctx.fit(f"bt_probe-first{n}", ctx.probe(), ctx.pairs.head(n)).predict(
+        ctx.candidates)}
+
+
 def ensemble(ctx):
     """5 BT probes on prompt-grouped bootstrap resamples, combined three ways (one fit)."""
     from rmkit import RewardEnsemble
@@ -295,12 +302,14 @@ def oracle(ctx):
     return {"oracle": ctx.bon[GOLD].to_numpy(float)}
 
 
-MODELS = {"oracle": oracle, "length": longer_wins, "bt_probe": bt_probe, "ensemble": ensemble, "armorm": armorm,
+MODELS = {"oracle": oracle, "length": longer_wins, "bt_probe": bt_probe,
+          "bt_probe_dmoerm_pairs": bt_probe_dmoerm_pairs, "ensemble": ensemble, "armorm": armorm,
           "dmoerm": dmoerm}
 LABELS = {
     "oracle": "oracle (gold as proxy; reference)",
     "length": "(0) longer wins",
     "bt_probe": "(a) BT probe",
+    "bt_probe_dmoerm_pairs": "(a') BT probe on DMoERM's training pairs only",
     "ens_mean": "(b) 5-probe ensemble, mean",
     "ens_wco": "(b) 5-probe ensemble, WCO (min)",
     "ens_uwo": "(b) 5-probe ensemble, UWO (mean - 1.0 std)",
@@ -506,7 +515,7 @@ def report(stem, saved):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--warm", action="store_true", help="only fill the feature cache")
-    parser.add_argument("--models", nargs="*", default=[m for m in MODELS if m != "dmoerm"], choices=list(MODELS),
+    parser.add_argument("--models", nargs="*", default=[m for m in MODELS if m not in ("dmoerm", "bt_probe_dmoerm_pairs")], choices=list(MODELS),
                         help="default: all but dmoerm (LoRA experts: slow on a CPU; add it with --models dmoerm "
                              "--merge)")
     parser.add_argument("--merge", action="store_true", help="add the models to the existing bon.json")
