@@ -134,6 +134,7 @@ def warm(bon, train, ratings, chunk=24):
 class Context:
     def __init__(self, bon, train, ratings, seed=0, backbone=None):
         self.bon, self.train, self.ratings, self.seed = bon, train, ratings, seed
+        self.backbone = backbone  # None: the embedded backbone; --smoke: a tiny one (also for the LoRA rows)
         self.featurizer = featurizer(backbone)
         self.pairs = train[["prompt", "chosen", "rejected"]].reset_index(drop=True)
         self.candidates = bon[["prompt", "response"]].reset_index(drop=True)
@@ -185,6 +186,13 @@ def bt_probe(ctx):
     return {"bt_probe": ctx.fit("bt_probe", ctx.probe(), ctx.pairs).predict(ctx.candidates)}
 
 
+def bt_probe_dmoerm_pairs(ctx):
+    """The BT probe on DMoERM's training prefix only: separates the recipe from the smaller training set."""
+    n = DMOERM["n_pairs"]
+    return {"bt_probe_dmoerm_pairs": ctx.fit(f"bt_probe-first{n}", ctx.probe(), ctx.pairs.head(n)).predict(
+        ctx.candidates)}
+
+
 def ensemble(ctx):
     """5 BT probes on prompt-grouped bootstrap resamples, combined three ways (one fit)."""
     from rmkit import RewardEnsemble
@@ -230,37 +238,83 @@ def armorm(ctx):
     return {"armorm": model.predict(ctx.candidates)}
 
 
+# DMoERM trains LoRA experts through the backbone and scores every candidate with it (no cached feature applies):
+# on a shared 2-core CPU it runs at smaller bounds than the table's other rows (see bon_dmoerm.md). float32:
+# quality.py's LORA says bfloat16, which is ~6x slower on a CPU without native bf16 ("auto" picks float32 there).
+DMOERM = dict(n_pairs=160, lora=dict(max_epochs=1, dtype="auto"), chunk=16)
+
+
+def _text_key(prompt, response):
+    import hashlib
+
+    return hashlib.sha1(f"{prompt}\x00{response}".encode()).hexdigest()[:16]
+
+
 def dmoerm(ctx):
-    """DMoERM with LoRA experts (slow on a CPU: every candidate runs through the adapted backbone)."""
+    """DMoERM with LoRA experts (slow on a CPU: every candidate runs through the adapted backbone).
+
+    Trained on a prefix of the training pairs (``DMOERM["n_pairs"]``; capability labels from the data's own
+    columns, as ``quality.py``: the embedded judge is too weak to label them). With ``--fitted DIR`` the
+    fitted model and the candidates' scores (per text, in chunks) are kept there, so a stopped run resumes and
+    a larger ``--n-prompts`` only scores the new prompts.
+    """
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     from rmkit import CapabilityAggregator, CapabilityExperts, DMoERM
 
-    train = dmoerm_frame(ctx.train.head(ctx.notes.get("dmoerm_pairs", 160)))
+    n = DMOERM["n_pairs"]
+    lora = {**LORA, **DMOERM["lora"], **({} if ctx.backbone is None else {"backbone": ctx.backbone})}
+    train = dmoerm_frame(ctx.train.head(n))
     model = DMoERM(["preference", "refusal", "conciseness"],
-                   experts=CapabilityExperts(**LORA, random_state=ctx.seed, verbose=0),
+                   experts=CapabilityExperts(**lora, random_state=ctx.seed, verbose=0),
                    aggregator=CapabilityAggregator(hidden_size=64, max_epochs=100, validation_fraction=0.15,
                                                    patience=10, random_state=ctx.seed),
                    featurizer=TfidfVectorizer(sublinear_tf=True), drop_unlabelled=True, random_state=ctx.seed,
-                   verbose=0).fit(train)
-    return {"dmoerm": model.predict(ctx.candidates)}
+                   verbose=0)
+    tag = f"dmoerm-n{n}-len{lora['max_length']}-ep{lora['max_epochs']}-{lora['dtype']}"
+    model = ctx.fit(tag, model, train)
+    ctx.notes["dmoerm"] = dict(n_pairs=int(len(train)), lora=lora, tasks=train["task"].value_counts().to_dict(),
+                               labels={c: int(train[c].notna().sum()) for c in ("preference", "refusal",
+                                                                                "conciseness")},
+                               routing_accuracy_train=float(model.routing_accuracy(train)))
+    cands = ctx.candidates
+    keys = [_text_key(p, r) for p, r in zip(cands["prompt"], cands["response"])]
+    cache, path = {}, None
+    if ctx.fitted_dir is not None:
+        path = Path(ctx.fitted_dir) / f"{tag}-seed{ctx.seed}-scores.json"
+        if path.exists():
+            cache = json.loads(path.read_text())
+    todo = [i for i, k in enumerate(keys) if k not in cache]
+    t0, step = time.time(), DMOERM["chunk"]
+    for j in range(0, len(todo), step):
+        rows = todo[j:j + step]
+        for i, v in zip(rows, model.predict(cands.iloc[rows])):
+            cache[keys[i]] = float(v)
+        if path is not None:
+            path.write_text(json.dumps(cache))
+        print(f"dmoerm scored {j + len(rows)}/{len(todo)} new candidates, {time.time() - t0:.0f} s", flush=True)
+    ctx.notes["dmoerm"]["scored_new"] = len(todo)
+    ctx.notes["dmoerm"]["score_seconds_new"] = time.time() - t0
+    return {"dmoerm": np.asarray([cache[k] for k in keys])}
 
 
 def oracle(ctx):
     return {"oracle": ctx.bon[GOLD].to_numpy(float)}
 
 
-MODELS = {"oracle": oracle, "length": longer_wins, "bt_probe": bt_probe, "ensemble": ensemble, "armorm": armorm,
+MODELS = {"oracle": oracle, "length": longer_wins, "bt_probe": bt_probe,
+          "bt_probe_dmoerm_pairs": bt_probe_dmoerm_pairs, "ensemble": ensemble, "armorm": armorm,
           "dmoerm": dmoerm}
 LABELS = {
     "oracle": "oracle (gold as proxy; reference)",
     "length": "(0) longer wins",
     "bt_probe": "(a) BT probe",
+    "bt_probe_dmoerm_pairs": "(a') BT probe on DMoERM's training pairs only",
     "ens_mean": "(b) 5-probe ensemble, mean",
     "ens_wco": "(b) 5-probe ensemble, WCO (min)",
     "ens_uwo": "(b) 5-probe ensemble, UWO (mean - 1.0 std)",
     "armorm": "(c) ArmoRM",
-    "dmoerm": "(d) DMoERM (LoRA experts, 256 tok)",
+    "dmoerm": "(d) DMoERM (LoRA experts, 256 tok)",  # bounds: DMOERM
 }
 
 
@@ -387,6 +441,17 @@ def model_notes(results, meta):
     if "armorm" in results:
         notes.append(f"ArmoRM: `benchmarks/quality.py`'s gating and decorrelation settings, cv = 3, rated objectives "
                      f"{meta.get('armorm_rating_columns')}, pair objectives {meta.get('armorm_pair_objectives')}.")
+    if "dmoerm" in results and meta.get("dmoerm"):
+        d = meta["dmoerm"]
+        lora = ", ".join(f"{k} {v}" for k, v in d["lora"].items())
+        notes.append(f"DMoERM: trained on the first {d['n_pairs']} of those training pairs only (its own bounds: "
+                     f"LoRA experts are trained and every candidate is scored through the backbone, no cached "
+                     f"feature applies), tasks {d['tasks']} (RMB harmlessness vs the rest; TF-IDF router, training "
+                     f"routing accuracy {d['routing_accuracy_train']:.2f}), experts preference / refusal / "
+                     f"conciseness with labels from the data's own columns ({d['labels']} labelled pairs; "
+                     "`quality.py`'s `dmoerm_frame`), 60/40 prompt split between the experts and the aggregator "
+                     f"MLP (64 hidden); LoRA: {lora} (top quarter of the layers adapted, shared frozen trunk; "
+                     "prompt + response truncated to max_length tokens: the prompt's start goes first, then the response's end).")
     if "length" in results:
         notes.append("Longer wins: the candidate with the most response tokens (backbone tokenizer) is picked.")
     return [" ".join(notes)] if notes else []
@@ -450,7 +515,7 @@ def report(stem, saved):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--warm", action="store_true", help="only fill the feature cache")
-    parser.add_argument("--models", nargs="*", default=[m for m in MODELS if m != "dmoerm"], choices=list(MODELS),
+    parser.add_argument("--models", nargs="*", default=[m for m in MODELS if m not in ("dmoerm", "bt_probe_dmoerm_pairs")], choices=list(MODELS),
                         help="default: all but dmoerm (LoRA experts: slow on a CPU; add it with --models dmoerm "
                              "--merge)")
     parser.add_argument("--merge", action="store_true", help="add the models to the existing bon.json")
@@ -464,6 +529,7 @@ def main(argv=None):
     parser.add_argument("--note", action="append", default=[], help="a line added under the table")
     parser.add_argument("--n-pairs", type=int, default=None, help="override BOUNDS['n_pairs'] (a prefix)")
     parser.add_argument("--n-prompts", type=int, default=None, help="override BOUNDS['n_prompts'] (a prefix)")
+    parser.add_argument("--dmoerm-pairs", type=int, default=None, help="override DMOERM['n_pairs'] (a prefix)")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = str(Path(_SMOKE_CACHE).parent / "rmkit-bon-smoke" / "bon" if args.smoke else RESULTS / "bon")
@@ -478,6 +544,8 @@ def main(argv=None):
         bounds = dict(bounds, n_pairs=args.n_pairs)
     if args.n_prompts:
         bounds = dict(bounds, n_prompts=args.n_prompts)
+    if args.dmoerm_pairs:
+        DMOERM["n_pairs"] = args.dmoerm_pairs
     if args.replot:  # --note replaces the notes under the table
         saved = json.loads(stem.with_suffix(".json").read_text())
         if args.note:
