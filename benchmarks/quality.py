@@ -285,7 +285,7 @@ GATED = [m for m in MODELS if m.startswith("armorm")]
 
 # -- DMoERM and a single LoRA reward model: same pairs, same LoRA settings, ~same LoRA pair passes -----
 
-LORA = dict(rank=8, alpha=16, layers=0.25, lr=5e-4, batch_size=8, max_length=256, max_epochs=2, dtype="bfloat16")
+LORA = dict(rank=8, alpha=16, layers=0.25, lr=5e-4, batch_size=8, max_length=256, max_epochs=2, dtype="auto")
 # LoRA models score every evaluation text with the backbone (no feature cache): a lighter config for CPUs.
 CONFIGS["lora_small"] = dict(n_pairs=160, n_ratings=300, n_eval=120, cv=3)
 CONFIGS["lora_medium"] = dict(n_pairs=600, n_ratings=300, n_eval=240, cv=3)

@@ -62,9 +62,10 @@ def test_readme_pipeline_fit_predict_save_load_joblib(featurizer, pairs, tmp_pat
     assert pipe.score(pairs) == np.mean(rc > rr)
     rmkit.save(pipe, tmp_path / "model")
     loaded = rmkit.load(tmp_path / "model")
-    np.testing.assert_allclose(loaded.decision_function(pairs), pipe.decision_function(pairs), atol=1e-6)
+    # the loaded featurizer recomputes features (float32, other batches): equal to float32 precision
+    np.testing.assert_allclose(loaded.decision_function(pairs), pipe.decision_function(pairs), atol=1e-5)
     joblib.dump(loaded, tmp_path / "model.joblib")
-    np.testing.assert_allclose(joblib.load(tmp_path / "model.joblib").predict(_side(pairs, "chosen")), rc, atol=1e-6)
+    np.testing.assert_allclose(joblib.load(tmp_path / "model.joblib").predict(_side(pairs, "chosen")), rc, atol=1e-5)
 
 
 @pytest.mark.slow
