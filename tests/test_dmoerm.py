@@ -291,6 +291,6 @@ def test_task_descriptions_reach_the_judge(tiny):
     moe = CapabilityMoE({"clarity": "explains each step of the arithmetic"}, experts=_experts(tiny),
                         labeler=labeler, aggregator=CapabilityAggregator(**FAST_AGG), drop_unlabelled=True,
                         random_state=0)
-    with pytest.raises(ValueError):  # the judge answers "A" in both orders: no consistent label
+    with pytest.raises(ValueError, match="No capability has a label"):  # "A" in both orders: never consistent
         moe.fit(X)
     assert asked and all("explains each step of the arithmetic" in q and "is clear" not in q for q in asked)

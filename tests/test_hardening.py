@@ -168,7 +168,7 @@ from pathlib import Path  # noqa: E402
 from sklearn.base import BaseEstimator  # noqa: E402
 from sklearn.linear_model import Ridge  # noqa: E402
 
-from rmkit.persistence._format import (  # noqa: E402,E501
+from rmkit.persistence import (  # noqa: E402,E501
     BackboneMismatchError,
     IntegrityError,
     PersistenceError,

@@ -112,10 +112,28 @@ def test_top_level_names_come_from_subpackages_and_import_no_torch():
     assert eval(out) == ["backbones", "ensemble", "judge", "lora", "moe", "objectives", "persistence"]
 
 
-def test_saves_naming_the_old_flat_modules_still_resolve():
-    from rmkit.persistence._allowlist import MOVED_CLASSES, allowed_class
+def test_a_save_naming_the_old_flat_modules_still_loads(tmp_path):
+    """Saves written by rmkit 0.1 name classes by their flat modules (rmkit._decorrelation...)."""
+    import numpy as np
 
-    assert MOVED_CLASSES["rmkit._gating.GatedScalarizer"] == "rmkit.objectives._gating.GatedScalarizer"
-    for old, new in MOVED_CLASSES.items():
-        cls = allowed_class(old, "a class")
-        assert f"{cls.__module__}.{cls.__qualname__}" == new
+    import rmkit
+    from rmkit.persistence import UnsafeClassError
+    from rmkit.persistence._allowlist import MOVED_CLASSES
+
+    rng = np.random.default_rng(0)
+    R = rng.normal(size=(50, 3))
+    model = rmkit.VerbosityDecorrelator(verbosity=-1).fit(R)
+    path = rmkit.save(model, tmp_path / "m")
+    manifest_path = path / "rmkit.json"
+    text = manifest_path.read_text()
+    new_to_old = {new: old for old, new in MOVED_CLASSES.items()}
+    assert "rmkit.objectives._decorrelation.VerbosityDecorrelator" in text
+    for new, old in new_to_old.items():
+        text = text.replace(f'"{new}"', f'"{old}"')
+    assert '"rmkit._decorrelation.VerbosityDecorrelator"' in text
+    manifest_path.write_text(text)
+    np.testing.assert_array_equal(rmkit.load(path).transform(R), model.transform(R))
+    # the table maps known names only: an old-looking name it does not list is still refused
+    manifest_path.write_text(text.replace("rmkit._decorrelation.VerbosityDecorrelator", "rmkit._decorrelation.Nope"))
+    with pytest.raises(UnsafeClassError, match="Nope"):
+        rmkit.load(path)

@@ -25,12 +25,13 @@ from sklearn.preprocessing import StandardScaler
 import rmkit
 from rmkit.backbones._loading import weights_fingerprint
 from rmkit.datasets import make_preference_pairs
-from rmkit.persistence import _api, _swap
-from rmkit.persistence._format import (
+from rmkit.persistence import (
     BackboneMismatchError,
     IntegrityError,
     PersistenceError,
     UnsafeClassError,
+    _api,
+    _swap,
 )
 from rmkit.testing import tiny_backbone
 

@@ -45,10 +45,6 @@ class PromptGroupValidSplit(ValidSplit):
                              "validation_fraction=None to train without one.")
         return groups
 
-    def indices(self, n):
-        """``(train, valid)`` row indices for ``n`` rows."""
-        return next(self.cv.split(np.zeros(n), groups=self._checked_groups(n)))
-
     def __call__(self, dataset, y=None, groups=None):
         # skorch's own split, with the bound prompt groups (not stratified: y is a pair target or a rating)
         return super().__call__(dataset, y=None, groups=self._checked_groups(get_len(dataset)))

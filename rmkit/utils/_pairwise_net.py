@@ -83,7 +83,7 @@ class PairwiseNetEstimator(RewardModelMixin, BaseEstimator):
     def _read(self, X, kind=None):
         return read_layout(X, step=type(self).__name__, need=self._needs(), kind=kind)
 
-    def _net(self, module, groups, seed):
+    def _net(self, module, groups, seed, accelerate=None):
         from skorch import NeuralNet
         from skorch.callbacks import EarlyStopping, LRScheduler
 
@@ -99,23 +99,10 @@ class PairwiseNetEstimator(RewardModelMixin, BaseEstimator):
             batch_size=int(self.batch_size), iterator_train__shuffle=True, train_split=split, callbacks=callbacks,
             verbose=int(self.verbose),
         )
-        accelerate = getattr(self, "accelerate", None)
         if accelerate:
             return accelerated_net_class()(accelerator=make_accelerator(accelerate), **settings,
                                            callbacks__print_log__sink="auto" if self.verbose else silent_sink)
         return NeuralNet(device=resolve_device(self.device), **settings)
-
-    def _plain_net(self, net):
-        """A plain skorch net holding ``net``'s trained module on ``device`` (what is kept, saved and used)."""
-        from skorch import NeuralNet
-
-        plain = NeuralNet(module=net.module_.to(resolve_device(self.device)), criterion=BradleyTerryLoss,
-                          criterion__use_weights=True, optimizer=torch.optim.AdamW, lr=self.lr,
-                          optimizer__weight_decay=self.weight_decay, max_epochs=net.max_epochs,
-                          batch_size=net.batch_size, train_split=None, device=resolve_device(self.device),
-                          verbose=int(self.verbose)).initialize()
-        plain.history = net.history
-        return plain
 
     def fit(self, X, y=None, *, sample_weight=None, groups=None):
         """Train on preference pairs (a feature frame) with the Bradley–Terry loss.
@@ -152,11 +139,14 @@ class PairwiseNetEstimator(RewardModelMixin, BaseEstimator):
         swap = (target == 0)[:, None]
         pairs = np.stack([np.where(swap, r, c), np.where(swap, c, r)], axis=1).astype(np.float32)
         seed = torch_seed(self.random_state)
+        accelerate = getattr(self, "accelerate", None)  # absent from subclasses saved before it existed
         with seeded_torch(seed):
-            net = self._net(self._module(pairs.shape[2]), groups, seed)
+            net = self._net(self._module(pairs.shape[2]), groups, seed, accelerate)
             net.fit(pairs, w)
-        if getattr(self, "accelerate", None):
-            net = self._plain_net(net)
+        if accelerate:  # AccelerateMixin is for training only: keep a plain net on `device` (saved, loaded as usual)
+            trained = net
+            net = self._net(trained.module_.to(resolve_device(self.device)), groups, seed).initialize()
+            net.history = trained.history
         # training-only settings: the split held this fit's groups; the callbacks hold a schedule and a sink
         net.train_split, net.callbacks = None, None
         self.net_ = net
