@@ -48,8 +48,17 @@ BOUNDS = dict(n_prompts=399, n_draws=200, n_boot=1000)  # all prompts (fits on a
 GOLD = "gold_turbo"
 N_VALUES = (1, 2, 4, 8, 16)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import (ARMORM_DECORRELATION, ARMORM_GATING, LORA, PAIR_SAMPLE, RATING_COLUMNS,  # noqa: E402
-                     RATING_SAMPLE, cpu_model, dmoerm_frame, pair_objective)
+from quality import (  # noqa: E402
+    ARMORM_DECORRELATION,
+    ARMORM_GATING,
+    LORA,
+    PAIR_SAMPLE,
+    RATING_COLUMNS,
+    RATING_SAMPLE,
+    cpu_model,
+    dmoerm_frame,
+    pair_objective,
+)
 
 
 def _norm(text):

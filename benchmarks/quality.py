@@ -64,14 +64,20 @@ def cpu_model():
 # Backbone layer of the features (chosen once by the lead on training data; see the report).
 DEFAULT_LAYER = 10
 
-# The samples the feature cache was filled with; configs take prefixes of them.
-PAIR_SAMPLE = dict(n=2000, random_state=0)
-RATING_SAMPLE = dict(n=1500, random_state=0)
+# Training data: every pair and every rated row, in a seeded random order; configs take prefixes of it. The
+# first 2,000 pairs are the 2,000-pair sample of earlier tables (``DataFrame.sample`` draws a permutation prefix).
+SHUFFLE_SEED = 0
+# The 2,000-pair / 1,500-row samples of earlier tables, which ``bon.py`` trains on (= the "2k" config's rows).
+PAIR_SAMPLE = dict(n=2000, random_state=SHUFFLE_SEED)
+RATING_SAMPLE = dict(n=1500, random_state=SHUFFLE_SEED)
 CONFIGS = {
     "small": dict(n_pairs=400, n_ratings=300, n_eval=400, cv=3),
     "medium": dict(n_pairs=1000, n_ratings=300, n_eval=None, cv=5),
-    "full": dict(n_pairs=None, n_ratings=None, n_eval=None, cv=5),
+    "2k": dict(n_pairs=2000, n_ratings=1500, n_eval=None, cv=5),  # the CPU-affordable config of earlier tables
+    "full": dict(n_pairs=None, n_ratings=None, n_eval=None, cv=5),  # all 20,418 pairs and 4,469 rated rows
 }
+# Where the gates (ArmoRM stage 2, DMoERM's aggregator) train: the GPU when there is one.
+GATE_DEVICE = "auto"
 RATING_COLUMNS = ["gpt4_ref_score_1to10", "autoj_gpt4_rating_1to10", "prometheus_rubric_score_1to5"]
 
 # ArmoRM hyperparameters, chosen on a length-balanced validation split of the training pairs
@@ -138,6 +144,7 @@ class BenchData:
     cv: int
     seed: int = 0
     cache: dict = field(default_factory=dict)
+    config: str = "full"
 
     def features(self, name):
         """Featurizer output for ``train`` (pairs), ``ratings`` (pointwise) or ``eval`` (pairs)."""
@@ -186,6 +193,7 @@ def objective_mean(data):
 def armorm_model(data, **overrides):
     gating = {**ARMORM_GATING, **overrides.pop("gating", {})}
     dec = {**ARMORM_DECORRELATION, **overrides.pop("decorrelation", {})}
+    gating.setdefault("device", device())
     return ArmoRM(data.featurizer, rating_columns=RATING_COLUMNS, pair_objective_column="objective",
                   decorrelator=VerbosityDecorrelator(**dec), gating=GatedScalarizer(**gating), cv=data.cv,
                   random_state=data.seed, **overrides)
@@ -286,9 +294,12 @@ GATED = [m for m in MODELS if m.startswith("armorm")]
 # -- DMoERM and a single LoRA reward model: same pairs, same LoRA settings, ~same LoRA pair passes -----
 
 LORA = dict(rank=8, alpha=16, layers=0.25, lr=5e-4, batch_size=8, max_length=256, max_epochs=2, dtype="auto")
-# LoRA models score every evaluation text with the backbone (no feature cache): a lighter config for CPUs.
+# LoRA models score every evaluation text with the backbone (no feature cache): lighter configs for CPUs, and
+# the fair-scale one for a GPU (full-length inputs, thousands of pairs per task, phase 1 on).
 CONFIGS["lora_small"] = dict(n_pairs=160, n_ratings=300, n_eval=120, cv=3)
 CONFIGS["lora_medium"] = dict(n_pairs=600, n_ratings=300, n_eval=240, cv=3)
+CONFIGS["lora_gpu"] = dict(n_pairs=6000, n_ratings=300, n_eval=None, cv=3,
+                           lora=dict(max_length=512, batch_size=16), task_finetune=True)
 REFUSAL = (r"\b(?:I can(?:no|')t|I cannot|I'm sorry|I am sorry|I apologi[sz]e|I won't|I will not|I'm not able|"
            r"I am not able|I'm unable|I am unable|as an AI|not appropriate|I must decline|I strongly advise)\b")
 
@@ -318,6 +329,21 @@ def _scores(model, eval_pairs):
     return c, r
 
 
+def lora_settings(data):
+    """``LORA`` with the config's overrides (e.g. full-length inputs on a GPU)."""
+    return {**LORA, **CONFIGS[data.config].get("lora", {})}
+
+
+def dmoerm_pair_passes(train, epochs, expert_fraction=0.6, task_finetune=False):
+    """LoRA pair passes DMoERM spends on ``train``, counted from its labels before it trains: per task, the
+    expert split (``expert_fraction`` of the pairs) times (1 for phase 1 when on + the labelled share of each
+    capability), times ``epochs``. A single LoRA RM run in another process gets its epochs from this."""
+    df = dmoerm_frame(train)
+    caps = ["preference", "refusal", "conciseness"]
+    per_pair = df[caps].notna().sum(1) + (1 if task_finetune else 0)
+    return int(round(expert_fraction * per_pair.sum() * epochs))
+
+
 def dmoerm(data):
     """(d) DMoERM: task router + per-task LoRA capability experts + aggregator MLP.
 
@@ -329,15 +355,20 @@ def dmoerm(data):
     from rmkit import CapabilityAggregator, CapabilityExperts, DMoERM
 
     train = dmoerm_frame(data.train)
+    lora = lora_settings(data)
+    finetune = CONFIGS[data.config].get("task_finetune", False)
     model = DMoERM(["preference", "refusal", "conciseness"],
-                   experts=CapabilityExperts(**LORA, random_state=data.seed, verbose=0),
+                   experts=CapabilityExperts(**lora, random_state=data.seed, verbose=0),
                    aggregator=CapabilityAggregator(hidden_size=64, max_epochs=100, validation_fraction=0.15,
-                                                   patience=10, random_state=data.seed),
-                   featurizer=TfidfVectorizer(sublinear_tf=True), drop_unlabelled=True, random_state=data.seed,
-                   verbose=0).fit(train)
-    passes = sum(sum(m.n_labels_.values()) for m in model.estimators_.values()) * LORA["max_epochs"]
+                                                   patience=10, random_state=data.seed, device=device()),
+                   featurizer=TfidfVectorizer(sublinear_tf=True), drop_unlabelled=True, task_finetune=finetune,
+                   random_state=data.seed, verbose=0).fit(train)
+    phase1 = sum(len(m.expert_rows_) for m in model.estimators_.values()) if finetune else 0
+    passes = (sum(sum(m.n_labels_.values()) for m in model.estimators_.values()) + phase1) * lora["max_epochs"]
     data.cache["dmoerm"] = dict(lora_pair_passes=int(passes), tasks=train["task"].value_counts().to_dict(),
-                                routing_accuracy_train=model.routing_accuracy(train))
+                                routing_accuracy_train=model.routing_accuracy(train), task_finetune=bool(finetune),
+                                estimated_pair_passes=dmoerm_pair_passes(data.train, lora["max_epochs"],
+                                                                         task_finetune=finetune))
     return _scores(model, text_frame(data.eval, "pairs"))
 
 
@@ -346,9 +377,11 @@ def single_lora(data):
     from rmkit import LoRAExpertRegressor
 
     train = text_frame(data.train, "pairs")
-    passes = data.cache.get("dmoerm", {}).get("lora_pair_passes", len(train) * LORA["max_epochs"])
+    lora = lora_settings(data)
+    passes = data.cache.get("dmoerm", {}).get("lora_pair_passes") or dmoerm_pair_passes(
+        data.train, lora["max_epochs"], task_finetune=CONFIGS[data.config].get("task_finetune", False))
     epochs = max(1, int(round(passes / len(train))))
-    model = LoRAExpertRegressor(**{**LORA, "max_epochs": epochs}, random_state=data.seed, verbose=0).fit(train)
+    model = LoRAExpertRegressor(**{**lora, "max_epochs": epochs}, random_state=data.seed, verbose=0).fit(train)
     data.cache["single_lora"] = dict(lora_pair_passes=int(epochs * len(train)), epochs=epochs)
     return _scores(model, text_frame(data.eval, "pairs"))
 
@@ -358,10 +391,36 @@ MODELS["single_lora"] = ("(e) single LoRA RM (256 tok)", single_lora)
 LORA_MODELS = ["dmoerm", "single_lora"]  # run only when named in --models
 
 
-def load_data(config, eval_path, layer, seed=0):
+def device():
+    """The torch device the gates train on (``GATE_DEVICE``; ``"auto"``: CUDA when available)."""
+    from rmkit.backbones import resolve_device
+
+    return resolve_device(GATE_DEVICE)
+
+
+def accelerator_name():
+    """The GPU's name when the gates or the backbone run on one, else the CPU's (printed in every table)."""
+    if device().startswith("cuda"):
+        return f"{torch.cuda.get_device_name()} ({cpu_model()} host)"
+    return cpu_model()
+
+
+def chosen_layer(default=DEFAULT_LAYER):
+    """The layer picked by the prompt-grouped layer sweep (``quality_layers.py``) when it has run, else ``default``."""
+    path = RESULTS / "quality_layers.json"
+    if path.exists():
+        return int(json.loads(path.read_text())["meta"]["best_layer"])
+    return default
+
+
+def load_data(config, eval_path, layer, seed=0, batch_size=16, dtype="auto"):
     cfg = CONFIGS[config]
-    train = load_pairwise(**PAIR_SAMPLE)
-    ratings = load_ratings(**RATING_SAMPLE)
+    train = load_pairwise().sample(frac=1.0, random_state=SHUFFLE_SEED).reset_index(drop=True)
+    empty = np.zeros(len(train), bool)
+    for col in ("prompt", "chosen", "rejected"):  # a few pairs of the file have an empty response
+        empty |= train[col].fillna("").astype(str).str.strip().eq("").to_numpy()
+    train = train[~empty].reset_index(drop=True)
+    ratings = load_ratings().sample(frac=1.0, random_state=SHUFFLE_SEED).reset_index(drop=True)
     ratings = ratings[ratings["response"].fillna("").str.strip() != ""]  # a few rated responses are empty
     ev = load_eval(eval_path)
     if cfg["n_pairs"]:
@@ -372,8 +431,10 @@ def load_data(config, eval_path, layer, seed=0):
         ev = ev.sample(n=cfg["n_eval"], random_state=seed).reset_index(drop=True)
     train = train.assign(objective=train.apply(pair_objective, axis=1)).reset_index(drop=True)
     train["objective_fine"] = fine_objectives(train)
-    feat = BackboneFeaturizer(layer=layer, max_length=512, dtype="auto", batch_size=16, verbose=1).fit()
-    return BenchData(feat, train, ratings.reset_index(drop=True), ev, cv=cfg["cv"], seed=seed)
+    if layer == "auto":
+        layer = chosen_layer()
+    feat = BackboneFeaturizer(layer=int(layer), max_length=512, dtype=dtype, batch_size=batch_size, verbose=1).fit()
+    return BenchData(feat, train, ratings.reset_index(drop=True), ev, cv=cfg["cv"], seed=seed, config=config)
 
 
 SECTIONS = ["Chat", "Chat Hard", "Safety", "Reasoning", "Prior"]
@@ -435,8 +496,9 @@ def reference_notes(results, meta):
                    f"stopping, verbosity threshold 0.028, {ref['steps']} steps ({ref['epochs']} epochs)")
         if ref["steps"] < ARMORM_REFERENCE_STEPS:
             out[0] += (f": the reference code's {ARMORM_REFERENCE_STEPS} steps of batch 1024 would be "
-                       f"{ARMORM_REFERENCE_STEPS // 2} passes over these 2000 pairs, ~1.3 s a step on this shared "
-                       "2-core CPU, so the run was capped with `--reference-steps`")
+                       f"{ARMORM_REFERENCE_STEPS * 1024 // max(meta['n_train_pairs'], 1)} passes over these "
+                       f"{meta['n_train_pairs']} pairs, too slow on this CPU, so the run was capped with "
+                       "`--reference-steps`")
         out[0] += "."
     return ["", out[0], ""] if "armorm" in results or ref else []
 
@@ -540,13 +602,15 @@ def lora_notes(meta):
     """How the LoRA rows were trained, so the compute match can be checked."""
     if "dmoerm" not in meta and "single_lora" not in meta:
         return []
-    lora = ", ".join(f"{k} {v}" for k, v in LORA.items())
+    lora = ", ".join(f"{k} {v}" for k, v in meta.get("lora", LORA).items())
     notes = ["", f"LoRA rows: {lora} (top quarter of the layers adapted, the rest a frozen shared trunk)."]
     if "dmoerm" in meta:
         d = meta["dmoerm"]
         notes.append(f"DMoERM: tasks {d['tasks']} (RMB harmlessness vs the rest; training routing accuracy "
-                     f"{d['routing_accuracy_train']:.2f}), experts preference/refusal/conciseness, "
-                     f"{d['lora_pair_passes']} LoRA pair passes.")
+                     f"{d['routing_accuracy_train']:.2f}), experts preference/refusal/conciseness"
+                     + (" on a phase-1 task fine-tune merged into each task's backbone, expert value heads "
+                        "initialised from the phase-1 head" if d.get("task_finetune") else "")
+                     + f", {d['lora_pair_passes']} LoRA pair passes.")
     if "single_lora" in meta:
         s = meta["single_lora"]
         notes.append(f"Single LoRA RM: {s['epochs']} epochs, {s['lora_pair_passes']} LoRA pair passes "
@@ -568,11 +632,55 @@ def write_plot(stem, results):
     return stem.with_suffix(".png")
 
 
+def featurize_only(data, args):
+    """Fill the feature cache for every set of the config, timing each (the one-time cost of the tables)."""
+    from rmkit.backbones import load_tokenizer
+
+    tok = load_tokenizer(data.featurizer.backbone)
+    rows = []
+    for name in ("train", "ratings", "eval"):
+        df = getattr(data, name)
+        texts = list(df["prompt"]) + [t for c in ("chosen", "rejected", "response") if c in df for t in df[c]]
+        n_tokens = sum(min(len(ids), 512) for ids in tok(texts, add_special_tokens=False)["input_ids"])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.time()
+        data.features(name)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        sec = time.time() - t
+        rows.append(dict(set=name, rows=len(df), texts=len(texts), tokens=int(n_tokens), seconds=sec,
+                         tokens_per_second=n_tokens / max(sec, 1e-9)))
+        print(f"{name}: {len(df)} rows, {n_tokens} tokens (each text capped at 512), {sec:.1f} s", flush=True)
+    meta = dict(config=args.config, layer=data.featurizer.layer_, backbone=data.featurizer.backbone,
+                batch_size=data.featurizer.batch_size, accelerator=accelerator_name(),
+                dtype=str(resolve_dtype(data.featurizer.dtype, data.featurizer.device)).removeprefix("torch."))
+    lines = [f"# Featurizing the {args.config} config (one-time cost; the feature cache serves every later run)", "",
+             f"Backbone `{meta['backbone']}`, layer {meta['layer']}, {meta['dtype']} (`dtype=\"auto\"`) on "
+             f"{meta['accelerator']}, batch size {meta['batch_size']}, max_length 512, prompts shared between a "
+             "pair's two responses. Tokens: prompt and response texts counted separately (each capped at 512), "
+             "so the rate is an approximate throughput, not a count of forward-pass tokens.", "",
+             "| set | rows | texts | tokens | seconds | tokens / s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['set']} | {r['rows']} | {r['texts']} | {r['tokens']} | {r['seconds']:.1f} | "
+              f"{r['tokens_per_second']:.0f} |" for r in rows]
+    lines += ["", f"Generated by `python benchmarks/quality.py --config {args.config} --featurize-only "
+              f"--batch-size {data.featurizer.batch_size}`."]
+    (RESULTS / "quality_featurize.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "quality_featurize.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
     parser.add_argument("--eval", default="eval_dev.jsonl", help="evaluation file (path or name in the data dir)")
-    parser.add_argument("--layer", type=int, default=DEFAULT_LAYER)
+    parser.add_argument("--layer", default="auto",
+                        help=f"backbone layer of the features; 'auto' (default): the layer the prompt-grouped sweep "
+                             f"of quality_layers.py chose on training data, {DEFAULT_LAYER} before it has run")
+    parser.add_argument("--device", default="auto", help="where the gates train (default: CUDA when available)")
+    parser.add_argument("--batch-size", type=int, default=16, help="featurizer batch size (scores do not depend on it)")
+    parser.add_argument("--dtype", default="auto", help="feature dtype; 'bfloat16' reuses features a GPU computed "
+                        "(the cache keys name the dtype), 'auto' picks what this machine runs natively")
     parser.add_argument("--models", nargs="*", default=[m for m in MODELS if m not in LORA_MODELS],
                         choices=list(MODELS),
                         help=f"default: all but the LoRA models {LORA_MODELS} (hours on a CPU: ask for them, e.g. "
@@ -582,19 +690,27 @@ def main(argv=None):
     parser.add_argument("--reference-steps", type=int, default=None,
                         help=f"gate steps of the reference-settings rows (default {ARMORM_REFERENCE_STEPS})")
     parser.add_argument("--replot", metavar="JSON", help="only redraw the table and PNG of an earlier run's JSON")
+    parser.add_argument("--featurize-only", action="store_true",
+                        help="only fill the feature cache for the config and time it (-> results/quality_featurize.md)")
     args = parser.parse_args(argv)
     if args.replot:  # redraw the table and chart of an earlier run
         stem, saved = Path(args.replot).with_suffix(""), json.loads(Path(args.replot).read_text())
         stem.with_suffix(".md").write_text(markdown(saved["results"], saved["meta"]))
         return write_plot(stem, saved["results"])
+    global GATE_DEVICE
+    GATE_DEVICE = args.device
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads)  # BLAS threads too: oversubscribed cores make small fits crawl
     t0 = time.time()
-    data = load_data(args.config, args.eval, args.layer)
+    data = load_data(args.config, args.eval, args.layer, batch_size=args.batch_size, dtype=args.dtype)
+    if args.featurize_only:
+        return featurize_only(data, args)
     results, pair_scores = {}, {}
     data.cache["reference_steps"] = args.reference_steps
     for name in args.models:
         label, build = MODELS[name]
+        if name in LORA_MODELS:
+            label = label.replace("256 tok", f"{lora_settings(data)['max_length']} tok")
         t = time.time()
         c, r = build(data)
         results[name] = {"label": label, "scores": rewardbench_scores(data.eval, c, r), "seconds": time.time() - t}
@@ -608,12 +724,14 @@ def main(argv=None):
                 n_train_pairs=len(data.train), n_ratings=len(data.ratings), n_eval=len(data.eval),
                 seconds=time.time() - t0, machine=f"{platform.machine()}, {torch.get_num_threads()} torch thread(s)",
                 dtype=str(resolve_dtype(data.featurizer.dtype, data.featurizer.device)).removeprefix("torch."),
-                cpu=cpu_model(), reference_steps=args.reference_steps,
+                cpu=accelerator_name(), reference_steps=args.reference_steps, gate_device=device(),
                 armorm=dict(gating=ARMORM_GATING, decorrelation=ARMORM_DECORRELATION),
                 armorm_reference=dict(gating=reference_gating(len(data.train), args.reference_steps),
                                       decorrelation=ARMORM_REFERENCE_DECORRELATION),
                 objectives_fine=data.train["objective_fine"].value_counts().to_dict())
     meta.update({k: data.cache[k] for k in ("dmoerm", "single_lora") if k in data.cache})
+    if any(m in LORA_MODELS for m in args.models):
+        meta["lora"] = lora_settings(data)
     stem = Path(args.out) if args.out else RESULTS / ("quality" if args.config == "full" else f"quality_{args.config}")
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=float))

@@ -2,7 +2,7 @@
 
 Chooses settings on training data only, never on the evaluation file: each variant of ArmoRM (the tuned
 row of ``quality.py`` with one setting changed) is fitted on k-1 prompt-grouped folds of the ``--config
-full`` training pairs (all rated rows every time) and scored on the held-out fold: pair accuracy, overall
+2k`` training pairs (its 1,500 rated rows every time) and scored on the held-out fold: pair accuracy, overall
 and split by whether the chosen response is shorter or longer (tokens), and the weight the gate puts on
 verbosity.
 
@@ -28,9 +28,9 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as Q  # noqa: E402
 
-from rmkit.objectives import response_token_lengths  # noqa: E402
 from rmkit.backbones import resolve_dtype  # noqa: E402
 from rmkit.model_selection import PromptGroupKFold  # noqa: E402
+from rmkit.objectives import response_token_lengths  # noqa: E402
 
 VARIANTS = {
     "drop_verbosity=True": dict(decorrelation=dict(drop_verbosity=True)),
@@ -48,7 +48,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads)
     t0 = time.time()
-    data = Q.load_data("full", "eval_dev.jsonl", Q.DEFAULT_LAYER)
+    data = Q.load_data("2k", "eval_dev.jsonl", Q.DEFAULT_LAYER)  # the 2,000-pair config its table reports
     data = replace(data, cv=args.inner_cv)
     pairs = Q.text_frame(data.train, "pairs")
     n = len(pairs)
@@ -89,7 +89,7 @@ def main(argv=None):
         "# ArmoRM choices by prompt-grouped CV on the training pairs",
         "",
         f"Backbone `{meta['backbone']}`, layer {meta['layer']}, {meta['dtype']} features (`dtype=\"auto\"` on "
-        f"{meta['cpu']}). The {n} training pairs of `--config full` in {args.folds} prompt-grouped folds "
+        f"{meta['cpu']}). The {n} training pairs of `--config 2k` in {args.folds} prompt-grouped folds "
         f"(`PromptGroupKFold`); each fit uses the other folds and all {meta['n_ratings']} rated rows, ArmoRM's "
         f"own cross-fitting with {args.inner_cv} folds (5 in `quality.py`, fewer here for CPU time). "
         "No evaluation-file pair is used.",

@@ -8,6 +8,7 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
 from rmkit import CapabilityExperts, LoRAExpertRegressor
+from rmkit.backbones import resolve_device
 from rmkit.backbones._loading import load_backbone
 
 ANIMALS = ["cat", "dog"]
@@ -73,7 +74,7 @@ def test_nan_labels_are_skipped_per_expert(tiny, fitted):
 
 def test_experts_share_one_base_model(tiny, fitted):
     module = fitted._module()
-    base = load_backbone(tiny, device="cpu")
+    base = load_backbone(tiny, device=resolve_device(fitted.device))  # the shared copy on the model's device
     view = module.base
     # one peft model holds every adapter; its base weights are the shared backbone's tensors
     assert set(module.peft.peft_config) == {"expert0", "expert1"}

@@ -137,7 +137,8 @@ def test_partial_cache_hits_and_duplicates_land_in_the_right_rows(tiny, feature_
     mixed = pd.concat([pairs, pairs.iloc[[2, 2]]], ignore_index=True)  # row 2 three times
     got = _h(f.transform(mixed))
     assert f.last_stats_["cache_hits"] == 4
-    np.testing.assert_allclose(got[:6], expected, atol=1e-5)
+    # rtol: on a GPU, batches of other shapes run other float32 kernels (measured up to 5e-5 relative)
+    np.testing.assert_allclose(got[:6], expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(got[6], got[2])
     np.testing.assert_array_equal(got[7], got[2])
     alone = BackboneFeaturizer(tiny, cache=False, verbose=0).fit(pairs)
