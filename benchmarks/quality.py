@@ -1,6 +1,7 @@
 """RewardBench-style quality of reward models built on the embedded backbone.
 
-Every model is trained on the same fixed, seeded sample of the training files
+Every model is trained on the same prefix of a seeded order of the training files (``--config full``: every
+pair with non-empty texts and every rated row)
 and scored on all non-Extra pairs of an evaluation file (default
 ``eval_dev.jsonl``). Features come from one :class:`rmkit.BackboneFeaturizer`
 and its on-disk cache, so repeated runs only pay for training.
@@ -459,7 +460,8 @@ def markdown(results, meta):
         "",
         f"Backbone `{meta['backbone']}`, layer {meta['layer']}, {meta.get('dtype', 'bfloat16')} features "
         f"(`dtype=\"auto\"` on {meta.get('cpu', 'this CPU')}), max_length 512. "
-        f"Training: {meta['n_train_pairs']} pairs of `pairwise_train.jsonl.gz` (seeded sample), "
+        f"Training: the first {meta['n_train_pairs']} pairs of a seeded order of `pairwise_train.jsonl.gz` "
+        f"({'all pairs with non-empty texts' if meta['config'] == 'full' else 'a seeded sample'}), "
         f"{meta['n_ratings']} rated rows of `multiobjective_sparse.jsonl.gz`. "
         f"Evaluation: {meta['n_eval']} non-Extra pairs of `{meta['eval']}`.",
         "",

@@ -191,6 +191,8 @@ def main(argv=None):
     parser.add_argument("--models", nargs="*", default=MODELS, choices=list(Q.MODELS))
     parser.add_argument("--seed", type=int, default=0, help="which prompt groups flip")
     parser.add_argument("--noise", type=float, nargs="*", default=NOISE, help="shares of flipped pairs (noise)")
+    parser.add_argument("--sizes", type=int, nargs="*", default=SIZES, help="training sizes (curve; default: "
+                        "2000, 5000 and every pair)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto", help="where the gates train (default: CUDA when available)")
     parser.add_argument("--layer", default="auto", help="backbone layer (default: the layer sweep's choice)")
@@ -222,20 +224,23 @@ def main(argv=None):
                                n_groups_flipped=int(len(np.unique(groups[flip]))),
                                models=run_models(variant(data, train), args.models))
     else:
-        for n in SIZES:
+        for n in args.sizes:
             n = n or len(data.train)
             print(f"{n} pairs", flush=True)
             res[str(n)] = dict(models=run_models(variant(data, data.train.head(n)), args.models))
-    meta = dict(experiment=args.experiment, models=args.models, seed=args.seed, sizes=[n or len(data.train) for n in SIZES], noise=args.noise,
+    meta = dict(experiment=args.experiment, models=args.models, seed=args.seed, sizes=[n or len(data.train) for n in args.sizes], noise=args.noise,
                 eval="eval_dev.jsonl", layer=data.featurizer.layer_, backbone=data.featurizer.backbone,
                 n_train_pairs=len(data.train), n_ratings=len(data.ratings), n_eval=len(data.eval),
                 dtype=str(resolve_dtype(data.featurizer.dtype, data.featurizer.device)).removeprefix("torch."),
                 cpu=Q.accelerator_name(), seconds=time.time() - t0,
                 machine=f"{platform.machine()}, {torch.get_num_threads()} torch thread(s)")
     stem = Path(args.out) if args.out else Q.RESULTS / f"quality_{args.experiment}"
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": res}, indent=1, default=float))
+    if args.experiment == "noise" and "0.0" not in res:  # a partial run (e.g. --noise 0.4): merge before the table
+        print(f"wrote {stem.with_suffix('.json')} (no 0% run: no table)")
+        return
     md = noise_markdown(res, meta) if args.experiment == "noise" else curve_markdown(res, meta)
     stem.with_suffix(".md").write_text(md)
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": res}, indent=1, default=float))
     if args.experiment == "curve":
         curve_plot(res, meta, stem.with_suffix(".png"))
     print(f"wrote {stem.with_suffix('.md')}")
