@@ -769,7 +769,8 @@ def main(argv=None):
     stem = Path(args.out) if args.out else RESULTS / ("quality" if args.config == "full" else f"quality_{args.config}")
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=float))
-    length_stem = stem.with_name(stem.name.replace("quality", "quality_length", 1))
+    length_stem = (stem.with_name(stem.name.replace("quality", "quality_length", 1)) if "quality" in stem.name
+                   else stem.with_name(stem.name + "_length"))  # never the main table's own name
     np.savez_compressed(length_stem.with_name(length_stem.name + "_scores.npz"),
                         **{f"{n}__{side}": v for n, cr in pair_scores.items() for side, v in zip("cr", cr)})
     stem.with_suffix(".md").write_text(markdown(results, meta))
