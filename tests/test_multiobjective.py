@@ -198,26 +198,3 @@ def test_cross_fit_by_source_accepts_pairs_without_a_source():
     oof = MultiObjectiveRegressor(cross_fit=3, random_state=0).fit_transform(P, sources=sources)
     assert [c for c in oof.columns if c.startswith("chosen:r:")] == ["chosen:r:a", "chosen:r:b"]
     assert np.isfinite(oof.filter(like=":r:").to_numpy()).all()
-
-
-def test_pairwise_solver_follows_the_shape_and_gives_the_lbfgs_answer(monkeypatch):
-    from rmkit.objectives import _multiobjective
-
-    assert _multiobjective._pairwise_solver(20_000, 576) == "newton-cholesky"  # many pairs, a small backbone
-    assert _multiobjective._pairwise_solver(20_000, 4096) == "lbfgs"  # d^2 per Newton step is too dear
-    assert _multiobjective._pairwise_solver(100, 576) == "lbfgs"  # too few pairs per feature
-    rng = np.random.RandomState(0)
-    w = rng.normal(size=8)
-    P, test = _pair_frame(rng, 400, 8, w), _pair_frame(rng, 200, 8, w)
-    used = []
-    real = _multiobjective._pairwise_solver
-    monkeypatch.setattr(_multiobjective, "_pairwise_solver", lambda n, d: used.append(real(n, d)) or real(n, d))
-    newton = MultiObjectiveRegressor(random_state=0).fit(P)
-    monkeypatch.setattr(_multiobjective, "_pairwise_solver", lambda n, d: "lbfgs")
-    lbfgs = MultiObjectiveRegressor(random_state=0).fit(P)
-    assert used == ["newton-cholesky"]
-    np.testing.assert_allclose(newton.alpha_, lbfgs.alpha_)  # the same penalty is chosen
-    # the same optimum up to the solvers' stopping tolerances (L-BFGS stops earlier)
-    a, b = newton.transform(test).filter(like=":r:").to_numpy(), lbfgs.transform(test).filter(like=":r:").to_numpy()
-    assert np.abs(a - b).max() < 0.02 and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9999
-    assert newton.score(test) == lbfgs.score(test)

@@ -37,17 +37,6 @@ class _NothingToFit(ValueError):
     """A cross-fitting fold too small for every objective."""
 
 
-def _pairwise_solver(n_pairs, n_features):
-    """The logistic-regression solver for a Bradley–Terry probe of this shape.
-
-    Newton–Cholesky converges in a few compute-bound steps, each ``O(n d^2)``; L-BFGS takes hundreds of
-    memory-bound ``O(n d)`` steps. With many pairs per feature and a small backbone Newton wins (20,413 pairs
-    of 576 features: 27 s vs 65 s, the same penalty chosen); with a 4,096-wide backbone ``d^2`` makes it the
-    slower one. Both solve the same strictly convex problem.
-    """
-    return "newton-cholesky" if n_features <= 1024 and n_pairs >= 4 * n_features else "lbfgs"
-
-
 def _subset(value, idx):
     return None if value is None else np.asarray(value)[idx] if not isinstance(value, pd.DataFrame) \
         else value.iloc[idx]
@@ -333,13 +322,11 @@ class MultiObjectiveRegressor(TransformerMixin, RegressorMixin, BaseEstimator):
             # weakly penalised fits of (nearly) separable pairs never converge: cap the iterations,
             # cross-validation rejects those penalties anyway
             warnings.simplefilter("ignore", category=ConvergenceWarning)
-            solver = _pairwise_solver(*D.shape)
             if splits:
                 lr = LogisticRegressionCV(Cs=1.0 / alphas, fit_intercept=False, cv=splits, scoring="neg_log_loss",
-                                          max_iter=300, solver=solver).fit(D, target, sample_weight=w)
+                                          max_iter=300).fit(D, target, sample_weight=w)
             else:  # too few prompts for a fold with both sides: the middle of the grid, without a search
-                lr = LogisticRegression(C=1.0 / alphas[len(alphas) // 2], fit_intercept=False, max_iter=300,
-                                        solver=solver)
+                lr = LogisticRegression(C=1.0 / alphas[len(alphas) // 2], fit_intercept=False, max_iter=300)
                 lr.fit(D, target, sample_weight=w)
                 lr.C_ = np.asarray([lr.C])
         wv = lr.coef_.reshape(-1)
